@@ -1,0 +1,1 @@
+"""Throughput measurement of augmentation, loading and the train step (`cnm bench`)."""

@@ -1,0 +1,3 @@
+from cnm.cli import main
+
+main()

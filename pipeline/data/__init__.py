@@ -1,0 +1,1 @@
+"""CIFAR sources, the synthetic set, and the prepared-dataset format (`manifest`)."""

@@ -1,0 +1,341 @@
+"""The prepared-dataset format: what `cnm prepare` writes and every loader reads.
+
+A prepared directory holds, for each split `s` in (train, test):
+
+- `s_images.npy`  uint8 [N, 32, 32, 3] (HWC, RGB), npy format v1.0
+- `s_labels.npy`  int64 [N]
+- `s.beton`       FFCV file (`image`: RGBImageField raw, `label`: IntField); only when ffcv is
+                  installed at prepare time (the manifest lists what exists)
+- optional extra label sets (CIFAR-100's coarse labels): `s_<name>_labels.npy` int64 [N]
+
+and `manifest.json` (FORMAT_VERSION below): dataset, num_classes, class names, counts,
+per-channel mean/std in pixel units (0..255) of the train split, the sha256 and size of every
+file, and where the data came from. `write_dataset` builds the directory under a temporary
+sibling name and renames it into place, so a crash, a full disk or Ctrl-C leaves no partial
+output. `load_manifest` checks everything a loader relies on and turns every fault into a
+one-line `CnmError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.errors import CnmError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "test")
+IMAGE_SHAPE = (32, 32, 3)
+
+
+def images_file(split: str) -> str:
+    return f"{split}_images.npy"
+
+
+def labels_file(split: str, label_set: str | None = None) -> str:
+    return f"{split}_labels.npy" if label_set is None else f"{split}_{label_set}_labels.npy"
+
+
+def beton_file(split: str) -> str:
+    return f"{split}.beton"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, checked `manifest.json` of a prepared directory."""
+
+    root: Path
+    dataset: str
+    num_classes: int
+    class_names: list[str]
+    counts: dict[str, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    files: dict[str, dict]  # file name -> {"sha256": str, "bytes": int}
+    source: dict = field(default_factory=dict)
+    extra_labels: dict = field(default_factory=dict)  # name -> {"num_classes", "class_names"}
+    raw: dict = field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def verify(self, names: Sequence[str] | None = None, *, checksums: bool = True) -> None:
+        """Check that the named files (default: all) exist with their recorded size and sha256.
+
+        Raises a one-line CnmError naming the first faulty file.
+        """
+        for name in names if names is not None else list(self.files):
+            if name not in self.files:
+                raise CnmError(f"{self.root}: {name} is not part of this prepared dataset "
+                               f"(re-run `cnm prepare` to create it)")
+            p = self.path(name)
+            if not p.is_file():
+                raise CnmError(f"{p}: file is missing from the prepared dataset; "
+                               f"re-run `cnm prepare --force`")
+            meta = self.files[name]
+            size = p.stat().st_size
+            if size != meta["bytes"]:
+                raise CnmError(f"{p}: size {size} does not match the manifest ({meta['bytes']}): "
+                               f"the file is corrupt; re-run `cnm prepare --force`")
+            if checksums and sha256_file(p) != meta["sha256"]:
+                raise CnmError(f"{p}: sha256 does not match the manifest: the file is corrupt; "
+                               f"re-run `cnm prepare --force`")
+
+    def load_split(self, split: str, *, mmap: bool = True, verify: bool = True,
+                   label_set: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(images uint8 [N,32,32,3], labels int64 [N]) of a split, checked against the manifest."""
+        if split not in self.counts:
+            raise CnmError(f"{self.root}: no split {split!r} (have: {', '.join(self.counts)})")
+        names = [images_file(split), labels_file(split, label_set)]
+        if verify:
+            self.verify(names)
+        try:
+            images = np.load(self.path(names[0]), mmap_mode="r" if mmap else None, allow_pickle=False)
+            labels = np.load(self.path(names[1]), allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise CnmError(f"{self.root}: cannot read {split} arrays: {e}") from None
+        n = self.counts[split]
+        if images.dtype != np.uint8 or images.shape != (n, *IMAGE_SHAPE):
+            raise CnmError(f"{self.path(names[0])}: expected uint8 {(n, *IMAGE_SHAPE)}, "
+                           f"found {images.dtype} {images.shape}")
+        if labels.dtype != np.int64 or labels.shape != (n,):
+            raise CnmError(f"{self.path(names[1])}: expected int64 ({n},), found {labels.dtype} {labels.shape}")
+        return images, labels
+
+
+def load_manifest(data_dir: str | os.PathLike, *, verify: bool = False) -> Manifest:
+    """Read and check `DIR/manifest.json`; with `verify`, also every file's size and sha256.
+
+    Every fault (missing directory, missing or unreadable manifest, unknown format version,
+    missing keys) is a one-line CnmError that says how to fix it.
+    """
+    root = Path(data_dir)
+    if not root.exists():
+        raise CnmError(f"{root}: data directory does not exist; create it with "
+                       f"`cnm prepare --dataset cifar100 --download --out {root}` "
+                       f"(or --dataset synthetic for offline use)")
+    if not root.is_dir():
+        raise CnmError(f"{root}: not a directory")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise CnmError(f"{root}: no {MANIFEST}; this is not a `cnm prepare` output directory")
+    try:
+        raw = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CnmError(f"{mpath}: unreadable manifest ({e.__class__.__name__}); "
+                       f"re-run `cnm prepare --force`") from None
+    if not isinstance(raw, dict):
+        raise CnmError(f"{mpath}: manifest is not a JSON object; re-run `cnm prepare --force`")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CnmError(f"{mpath}: unknown format version {version!r} (this cnm reads "
+                       f"{FORMAT_VERSION}); re-run `cnm prepare --force` with this cnm")
+    try:
+        man = Manifest(
+            root=root,
+            dataset=str(raw["dataset"]),
+            num_classes=int(raw["num_classes"]),
+            class_names=list(raw["class_names"]),
+            counts={k: int(v) for k, v in raw["counts"].items()},
+            mean=tuple(float(x) for x in raw["mean"]),
+            std=tuple(float(x) for x in raw["std"]),
+            files={k: {"sha256": str(v["sha256"]), "bytes": int(v["bytes"])} for k, v in raw["files"].items()},
+            source=dict(raw.get("source", {})),
+            extra_labels=dict(raw.get("extra_labels", {})),
+            raw=raw,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CnmError(f"{mpath}: malformed manifest ({e.__class__.__name__}: {e}); "
+                       f"re-run `cnm prepare --force`") from None
+    if verify:
+        man.verify()
+    return man
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of `out`; on success rename it to `out`.
+
+    On any exception (a full disk, Ctrl-C) the temporary directory is removed and `out` is left
+    as it was. An existing `out` is replaced only with `force` (the old one is moved aside first
+    and deleted after the rename, so there is never a moment without a complete output).
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise CnmError(f"{out}: already exists; pass --force to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise CnmError(f"{out}: cannot create the output directory ({_oserror(e)})") from None
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CnmError(f"{out}: write failed ({_oserror(e)}); nothing was written") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _oserror(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied"
+    return e.strerror or str(e)
+
+
+def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (population) in pixel units of uint8 [N,H,W,3] images."""
+    s = np.zeros(3, np.float64)
+    ss = np.zeros(3, np.float64)
+    n = 0
+    for i in range(0, len(images), chunk):
+        x = np.asarray(images[i:i + chunk], dtype=np.float64).reshape(-1, 3)
+        s += x.sum(0)
+        ss += (x * x).sum(0)
+        n += x.shape[0]
+    mean = s / max(n, 1)
+    std = np.sqrt(np.maximum(ss / max(n, 1) - mean * mean, 0.0))
+    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
+
+
+class _Pairs:
+    """Indexable (image, label) view of two arrays, as ffcv's DatasetWriter wants."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, num_workers: int | None = None) -> None:
+    """FFCV file with fields `image` (RGBImageField, raw) and `label` (IntField)."""
+    from pipeline.backends import require
+
+    require("ffcv", "writing .beton files")
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    writer = DatasetWriter(
+        str(path),
+        {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+        num_workers=num_workers or min(4, os.cpu_count() or 1),
+    )
+    writer.from_indexed_dataset(_Pairs(images, labels))
+
+
+def write_dataset(
+    out: str | os.PathLike,
+    splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    dataset: str,
+    class_names: Sequence[str],
+    extra_labels: Mapping[str, tuple[Sequence[str], Mapping[str, np.ndarray]]] | None = None,
+    source: Mapping | None = None,
+    force: bool = False,
+    beton: bool | None = None,
+    progress=None,
+) -> Manifest:
+    """Write a prepared directory atomically and return its manifest.
+
+    splits: {"train": (images uint8 [N,32,32,3], labels int64-able [N]), "test": (...)}.
+    extra_labels: {"coarse": (class_names, {"train": labels, "test": labels})}.
+    beton: write FFCV files (None: when ffcv is importable).
+    progress: optional callable(str) told about each step.
+    """
+    from pipeline.backends import available
+
+    if beton is None:
+        beton = available("ffcv")
+    if "train" not in splits:
+        raise CnmError("write_dataset: a train split is required")
+    say = progress or (lambda msg: None)
+    num_classes = len(class_names)
+    with atomic_directory(out, force=force) as tmp:
+        counts: dict[str, int] = {}
+        for split, (images, labels) in splits.items():
+            images = np.asarray(images)
+            labels = np.asarray(labels).astype(np.int64, copy=False)
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+                raise CnmError(f"{split}: images must be uint8 [N,32,32,3], got {images.dtype} {images.shape}")
+            if labels.shape != (len(images),):
+                raise CnmError(f"{split}: {len(labels)} labels for {len(images)} images")
+            if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+                raise CnmError(f"{split}: labels outside 0..{num_classes - 1}")
+            counts[split] = len(images)
+            say(f"writing {split} arrays ({len(images)} images)")
+            _save_npy(tmp / images_file(split), images)
+            _save_npy(tmp / labels_file(split), labels)
+            if beton:
+                say(f"writing {beton_file(split)}")
+                write_beton(tmp / beton_file(split), images, labels)
+        extra_meta = {}
+        for name, (names, per_split) in (extra_labels or {}).items():
+            extra_meta[name] = {"num_classes": len(names), "class_names": list(names)}
+            for split, labels in per_split.items():
+                _save_npy(tmp / labels_file(split, name), np.asarray(labels).astype(np.int64))
+        say("computing channel statistics and checksums")
+        mean, std = channel_stats(splits["train"][0])
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dataset": dataset,
+            "num_classes": num_classes,
+            "class_names": list(class_names),
+            "counts": counts,
+            "mean": mean,
+            "std": std,
+            "extra_labels": extra_meta,
+            "files": files,
+            "source": dict(source or {}),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return load_manifest(out)

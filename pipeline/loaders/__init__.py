@@ -1,0 +1,1 @@
+"""Loaders that yield the batch contract (see DESIGN.md, section Batch contract)."""

@@ -1,0 +1,1 @@
+"""Cut^nMix and its variants as batch ops (see DESIGN.md, section Cut^nMix)."""

@@ -1,0 +1,1 @@
+"""Peer-ensemble online distillation: models, peers, losses, teacher, loop, checkpoints."""

@@ -1,0 +1,1 @@
+"""CIFAR model definitions used by the online-distillation literature."""
