@@ -1,0 +1,104 @@
+"""TrainConfig: recipe defaults, 1:1 flag mapping, TOML precedence, loud unknown keys, resolve."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+import torch
+
+from pipeline.errors import CnmError
+from trainer.config import DEFAULTS, FIELDS, TrainConfig, flag_name, load_config_file, make_config, \
+    resolve, resolved_dict
+
+
+def test_defaults_are_the_design_recipe():
+    c = TrainConfig()
+    assert (c.epochs, c.batch_size, c.lr, c.momentum, c.nesterov, c.weight_decay) == (300, 128, 0.1, 0.9, True, 5e-4)
+    assert (c.schedule, c.temperature, c.rampup_epochs, c.ema_decay) == ("step", 3.0, 80.0, 0.999)
+    assert (c.mix, c.alpha, c.mix_prob, c.teacher, c.fml) == ("cutnmix", 1.0, 0.5, "ema", True)
+    assert (c.kd_weight, c.fml_weight, c.arch, c.num_peers, c.seed) == (1.0, 1.0, "resnet32", 3, 0)
+    assert (c.data, c.out, c.limit_train, c.loader, c.device) == ("data/cifar100", None, None, "auto", "auto")
+    assert (c.peer_exec, c.bf16, c.channels_last, c.cuda_graphs) == ("auto",) * 4
+
+
+def test_every_field_has_a_flag_and_every_flag_a_field():
+    from cnm.cmd_train import train
+
+    opts = {}
+    for p in train.params:
+        if p.name in ("config_file", "help"):
+            continue
+        opts[p.name] = p.opts + p.secondary_opts
+    assert set(opts) == set(FIELDS)
+    for name, flags in opts.items():
+        assert flag_name(name) in flags, (name, flags)
+    assert any(p.name == "config_file" and "--config" in p.opts for p in train.params)
+
+
+def test_toml_then_flags_override(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('epochs = 7\nbatch-size = 32\nmix = "cutmix"\nfml = false\nlr = 1\n')
+    vals = load_config_file(f)
+    assert vals == {"epochs": 7, "batch_size": 32, "mix": "cutmix", "fml": False, "lr": 1.0}
+    cfg = make_config(vals, {"epochs": 9})
+    assert (cfg.epochs, cfg.batch_size, cfg.mix, cfg.fml, cfg.lr) == (9, 32, "cutmix", False, 1.0)
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("epochz = 3\n", "unknown setting(s) epochz"),
+    ("epochs = 'x'\n", "epochs must be an integer"),
+    ("fml = 1\n", "fml must be true or false"),
+    ("epochs = [\n", "cannot parse config file"),
+    ("mix = 'cutout'\n", "--mix must be one of"),
+])
+def test_bad_config_files_fail_in_one_line(tmp_path, text, msg):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(CnmError) as e:
+        make_config(load_config_file(f))
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"peers": 0}, "--peers must be >= 1"),
+    ({"batch_size": 0}, "--batch-size must be >= 1"),
+    ({"epochs": 0}, "--epochs must be >= 1"),
+    ({"arch": "resnet32,resnet20", "peers": 3}, "lists 2 architectures"),
+    ({"mix_prob": 1.5}, "--mix-prob"),
+    ({"limit_train": 0}, "--limit-train"),
+])
+def test_invalid_values(kw, msg):
+    with pytest.raises(CnmError, match=msg):
+        make_config(None, kw)
+
+
+def test_resolve_on_cpu_and_archs():
+    cfg = make_config(None, {"arch": "resnet20,resnet32"})
+    assert cfg.archs == ["resnet20", "resnet32"] and cfg.num_peers == 2
+    assert make_config(None, {"peers": 5}).archs == ["resnet32"] * 5
+    if torch.cuda.is_available():
+        pytest.skip("CPU resolution")
+    res = resolve(make_config(None, {"arch": "resnet20"}), now=dt.datetime(2024, 1, 2, 3, 4, 5))
+    assert (res.device, res.peer_exec, res.bf16, res.channels_last, res.cuda_graphs) == ("cpu", "loop", False, False, False)
+    assert res.out == "runs/resnet20-p3-20240102-030405"
+    with pytest.raises(CnmError, match="no CUDA device"):
+        resolve(make_config(None, {"device": "cuda"}))
+    with pytest.raises(CnmError, match="needs --device cuda"):
+        resolve(make_config(None, {"cuda_graphs": "on"}))
+    with pytest.raises(CnmError, match="unknown architecture 'resnet33'"):
+        resolve(make_config(None, {"arch": "resnet33"}))
+    with pytest.raises(CnmError, match="one architecture"):
+        resolve(make_config(None, {"arch": "resnet20,resnet32", "peer_exec": "grouped"}))
+
+
+def test_resolved_config_json_round_trips(tmp_path):
+    cfg = make_config(None, {"arch": "resnet20", "epochs": 3, "out": "x"})
+    d = resolved_dict(cfg, resolve(cfg))
+    d["_resolved"] = {"loader": "resident"}
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(d))
+    again = make_config(load_config_file(p))
+    assert again.epochs == 3 and again.arch == "resnet20" and again.peers == 3
+    assert set(d) - {"_resolved"} == set(DEFAULTS)

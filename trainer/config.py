@@ -1,0 +1,306 @@
+"""`TrainConfig`: every setting of `cnm train`, one typed dataclass, one CLI flag per field.
+
+The defaults are the online-distillation recipe of DESIGN.md (the CIFAR recipe shared by ONE,
+OKDDip and PCL): 300 epochs, batch 128, SGD momentum 0.9 nesterov, lr 0.1 divided by 10 at 50%
+and 75% of training, weight decay 5e-4, KD temperature 3, consistency ramp-up over 80 epochs,
+EMA teacher decay 0.999, Cut^nMix with Beta(1, 1) and mixing probability 0.5.
+
+Every field maps to exactly one flag of `cnm train` (`--field-name`, booleans as
+`--name/--no-name`); `tests/trainer/test_config.py` checks the mapping both ways. Precedence:
+dataclass defaults < `--config FILE.toml` (or a run's `config.json`) < flags given on the
+command line. Unknown keys in a config file fail with one line.
+
+Settings whose best value depends on the machine are `"auto"` here and are resolved once by
+`resolve()` (which is what `RUN/config.json` records):
+
+- `device`       auto -> cuda when torch sees a GPU, else cpu.
+- `peer_exec`    auto -> grouped on CUDA when every peer has the same architecture (one network,
+                 groups=P convolutions: fewer, larger kernels), loop otherwise (on CPU the
+                 grouped convolution has no advantage and `loop` is the reference).
+- `bf16`, `channels_last`, `cuda_graphs`   auto -> on for CUDA, off for CPU.
+- `loader`       auto -> decided by `pipeline.loaders.make_loader("auto", ...)`.
+- `out`          None -> `runs/<arch>-p<P>-<YYYYmmdd-HHMMSS>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.errors import CnmError
+
+MIX_MODES = ("cutnmix", "cutmix", "mixup", "none")
+TEACHERS = ("ema", "peers", "none")
+PEER_EXECS = ("auto", "loop", "grouped")
+LOADERS = ("auto", "ffcv", "dali", "resident", "cpu")
+DEVICES = ("auto", "cuda", "cpu")
+SCHEDULES = ("step", "cosine")
+SWITCH = ("auto", "on", "off")
+DEFAULT_DATA = "data/cifar100"  # where the README's `cnm prepare ... --out data/cifar100` writes
+DEFAULT_PEERS = 3
+
+
+def _f(default, help: str, choices: tuple | None = None, **extra):
+    """A dataclass field carrying its CLI help text (and choices) as metadata."""
+    meta = {"help": help, "choices": choices, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # ---- data and models
+    data: str = _f(DEFAULT_DATA, "prepared dataset directory (from `cnm prepare`)")
+    arch: str = _f("resnet32", "peer architecture, or a comma list for a mixed ensemble "
+                   "(e.g. resnet32,wrn20_8)")
+    peers: int | None = _f(None, f"number of peers (default {DEFAULT_PEERS}, or the length of an "
+                           "--arch list)")
+    peer_exec: str = _f("auto", "run peers one by one (loop) or as one grouped network; "
+                        "auto: grouped on CUDA for a single architecture, else loop", PEER_EXECS)
+    # ---- optimisation (SGD, the CIFAR online-KD recipe)
+    epochs: int = _f(300, "training epochs")
+    batch_size: int = _f(128, "training batch size (per process)")
+    lr: float = _f(0.1, "initial learning rate")
+    schedule: str = _f("step", "lr schedule: step (x0.1 at 50% and 75% of the epochs) or cosine "
+                       "(per step, to 0)", SCHEDULES)
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(True, "Nesterov momentum")
+    weight_decay: float = _f(5e-4, "L2 weight decay (all parameters)")
+    # ---- augmentation (DESIGN.md, Cut^nMix)
+    mix: str = _f("cutnmix", "mixed-sample augmentation", MIX_MODES)
+    alpha: float = _f(1.0, "Beta(alpha, alpha) of the mixing ratio")
+    mix_prob: float = _f(0.5, "probability that a sample is mixed")
+    # ---- online distillation (DESIGN.md, Online distillation)
+    teacher: str = _f("ema", "KD teacher: EMA self-ensemble (ema), detached mean of the live peers "
+                      "(peers), or no KD (none)", TEACHERS)
+    fml: bool = _f(True, "feature-level mutual learning between peers")
+    kd_weight: float = _f(1.0, "weight of the KD term (gamma_kd)")
+    fml_weight: float = _f(1.0, "weight of the feature mutual-learning term (gamma_fml)")
+    temperature: float = _f(3.0, "KD temperature T")
+    rampup_epochs: float = _f(80.0, "epochs over which the KD/FML weight ramps up "
+                              "(exp(-5(1-e/R)^2)); 0 = no ramp")
+    ema_decay: float = _f(0.999, "EMA teacher decay")
+    # ---- execution
+    loader: str = _f("auto", "training data loader", LOADERS)
+    device: str = _f("auto", "training device", DEVICES)
+    bf16: str = _f("auto", "bf16 autocast (auto: on for CUDA)", SWITCH)
+    channels_last: str = _f("auto", "channels-last memory format (auto: on for CUDA)", SWITCH)
+    cuda_graphs: str = _f("auto", "capture the whole train step in one CUDA graph "
+                          "(auto: on for CUDA)", SWITCH)
+    seed: int = _f(0, "random seed (initialisation, data order, augmentation)")
+    limit_train: int | None = _f(None, "train on the first N training images only (quick runs)")
+    # ---- run directory and output
+    out: str | None = _f(None, "run directory (default runs/<arch>-p<P>-<timestamp>)")
+    resume: bool = _f(False, "continue the run in --out from its last.pt")
+    quiet: bool = _f(False, "plain log lines instead of progress bars")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def archs(self) -> list[str]:
+        """One architecture name per peer (length = number of peers)."""
+        names = [a.strip() for a in self.arch.split(",") if a.strip()]
+        if len(names) == 1:
+            return names * (self.peers if self.peers is not None else DEFAULT_PEERS)
+        return names
+
+    @property
+    def num_peers(self) -> int:
+        return len(self.archs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+DEFAULTS: dict[str, Any] = TrainConfig().to_dict()
+
+
+def flag_name(name: str) -> str:
+    """The CLI flag of a field: `batch_size` -> `--batch-size`."""
+    return "--" + name.replace("_", "-")
+
+
+def field_type(name: str) -> type:
+    """The scalar type of a field: bool, int, float or str (Optional stripped)."""
+    t = str(FIELDS[name].type)
+    for base, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if t.split("|")[0].strip() == base:
+            return typ
+    raise AssertionError(f"unsupported field type {t} for {name}")
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Check/convert one value from a config file to the field's type (one-line errors)."""
+    typ = field_type(name)
+    optional = "None" in str(FIELDS[name].type)
+    if value is None:
+        if optional:
+            return None
+        raise CnmError(f"{where}: {name} cannot be null")
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise CnmError(f"{where}: {name} must be true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CnmError(f"{where}: {name} must be an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CnmError(f"{where}: {name} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise CnmError(f"{where}: {name} must be a string, got {value!r}")
+    return value
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Settings from a TOML file (`key = value`, field names; `-` or `_` both accepted) or a run's
+    `config.json`. Unknown keys, wrong types and unreadable files fail with one line."""
+    p = Path(path)
+    if not p.is_file():
+        raise CnmError(f"{p}: config file not found")
+    try:
+        if p.suffix == ".json":
+            raw = json.loads(p.read_text())
+        else:
+            raw = tomllib.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # TOMLDecodeError, JSONDecodeError
+        raise CnmError(f"{p}: cannot parse config file ({e.__class__.__name__}: {e})") from None
+    if not isinstance(raw, dict):
+        raise CnmError(f"{p}: config file must hold a table of settings")
+    raw.pop("_resolved", None)  # bookkeeping written into RUN/config.json
+    out: dict[str, Any] = {}
+    unknown = []
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            unknown.append(key)
+            continue
+        out[name] = _coerce(name, value, str(p))
+    if unknown:
+        raise CnmError(f"{p}: unknown setting(s) {', '.join(sorted(unknown))} "
+                       f"(known: {', '.join(FIELDS)})")
+    return out
+
+
+def make_config(file_values: Mapping[str, Any] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then a config file's values, then command-line overrides (already typed)."""
+    values = dict(DEFAULTS)
+    for src in (file_values or {}, overrides or {}):
+        for k, v in src.items():
+            if k not in FIELDS:
+                raise CnmError(f"unknown setting {k!r}")
+            values[k] = v
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Device-independent checks of a config: one CnmError line for the first fault."""
+    for name, f in FIELDS.items():
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, name) not in choices:
+            raise CnmError(f"{flag_name(name)} must be one of {', '.join(choices)}, "
+                           f"got {getattr(cfg, name)!r}")
+    names = [a.strip() for a in cfg.arch.split(",")]
+    if not all(names):
+        raise CnmError(f"--arch {cfg.arch!r}: empty architecture name")
+    if cfg.peers is not None and cfg.peers < 1:
+        raise CnmError(f"--peers must be >= 1, got {cfg.peers}")
+    if len(names) > 1 and cfg.peers is not None and cfg.peers != len(names):
+        raise CnmError(f"--arch lists {len(names)} architectures but --peers is {cfg.peers}; "
+                       f"drop --peers or list one architecture per peer")
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        (cfg.alpha > 0, f"--alpha must be > 0, got {cfg.alpha}"),
+        (0 <= cfg.mix_prob <= 1, f"--mix-prob must be in [0, 1], got {cfg.mix_prob}"),
+        (cfg.kd_weight >= 0, f"--kd-weight must be >= 0, got {cfg.kd_weight}"),
+        (cfg.fml_weight >= 0, f"--fml-weight must be >= 0, got {cfg.fml_weight}"),
+        (cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}"),
+        (cfg.rampup_epochs >= 0, f"--rampup-epochs must be >= 0, got {cfg.rampup_epochs}"),
+        (0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
+        (cfg.limit_train is None or cfg.limit_train >= 1,
+         f"--limit-train must be >= 1, got {cfg.limit_train}"),
+        (not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise CnmError(msg)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What `auto` became on this machine (recorded in RUN/config.json under `_resolved`)."""
+
+    device: str          # "cuda" | "cpu"
+    peer_exec: str       # "loop" | "grouped"
+    bf16: bool
+    channels_last: bool
+    cuda_graphs: bool
+    archs: tuple[str, ...]
+    out: str
+
+
+def _switch(value: str, default: bool) -> bool:
+    return default if value == "auto" else value == "on"
+
+
+def resolve(cfg: TrainConfig, *, now: _dt.datetime | None = None) -> Resolved:
+    """Turn every `auto` into a concrete choice for this machine (one-line errors)."""
+    import torch
+
+    validate(cfg)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise CnmError(f"--device cuda: no CUDA device is available (torch {torch.__version__}, "
+                       f"{build}); use --device cpu")
+    from trainer.models import check_arch
+
+    archs = tuple(cfg.archs)
+    for a in dict.fromkeys(archs):
+        check_arch(a)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device == "cuda"
+    single_arch = len(set(archs)) == 1
+    if cfg.peer_exec == "grouped" and not single_arch:
+        raise CnmError(f"--peer-exec grouped needs one architecture for all peers, got {cfg.arch}; "
+                       f"use --peer-exec loop")
+    peer_exec = cfg.peer_exec if cfg.peer_exec != "auto" else (
+        "grouped" if on_cuda and single_arch and len(archs) > 1 else "loop")
+    cuda_graphs = _switch(cfg.cuda_graphs, on_cuda)
+    if cuda_graphs and not on_cuda:
+        raise CnmError("--cuda-graphs on needs --device cuda")
+    out = cfg.out
+    if out is None:
+        stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+        tag = "+".join(dict.fromkeys(archs))
+        out = f"runs/{tag}-p{len(archs)}-{stamp}"
+    return Resolved(device=device, peer_exec=peer_exec, bf16=_switch(cfg.bf16, on_cuda),
+                    channels_last=_switch(cfg.channels_last, on_cuda), cuda_graphs=cuda_graphs,
+                    archs=archs, out=out)
+
+
+def resolved_dict(cfg: TrainConfig, res: Resolved) -> dict[str, Any]:
+    """The config as written to RUN/config.json: every field with `auto` replaced by its choice,
+    so `cnm train --config RUN/config.json` repeats the run on the same kind of machine."""
+    d = cfg.to_dict()
+    d.update(device=res.device, peer_exec=res.peer_exec, out=res.out,
+             bf16="on" if res.bf16 else "off",
+             channels_last="on" if res.channels_last else "off",
+             cuda_graphs="on" if res.cuda_graphs else "off",
+             peers=len(res.archs), resume=False)
+    return d
