@@ -1,1 +1,18 @@
-"""Cut^nMix and its variants as batch ops (see DESIGN.md, section Cut^nMix)."""
+"""Cut^nMix and its variants as batch ops (see DESIGN.md, section Cut^nMix).
+
+    from pipeline.ops import CutNMix
+    aug = CutNMix(peers=3, mode="cutnmix", alpha=1.0, mix_prob=0.5, pad=4, flip=True,
+                  mean=(125.3, 123.0, 113.9), std=(63.0, 62.1, 66.7), out_dtype=torch.bfloat16)
+    views, y_a, y_b, lam = aug(images, labels, generator=g)
+
+`cutnmix(images, labels, params, ...)` is the functional core, `draw_params(...)` draws its
+`CutNMixParams` on the device. Back-ends (numba, triton, DALI) are imported lazily.
+"""
+
+from pipeline.ops.cutnmix import CIFAR10_MEAN, CIFAR10_STD, IMPLS, CutNMix, cutnmix, resolve_impl
+from pipeline.ops.params import MODES, CutNMixParams, draw_params, make_params
+
+__all__ = [
+    "CutNMix", "cutnmix", "draw_params", "make_params", "CutNMixParams", "MODES", "IMPLS",
+    "CIFAR10_MEAN", "CIFAR10_STD", "resolve_impl",
+]
