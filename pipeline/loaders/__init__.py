@@ -1,1 +1,103 @@
-"""Loaders that yield the batch contract (see DESIGN.md, section Batch contract)."""
+"""Loaders that yield the batch contract (DESIGN.md, section Batch contract).
+
+```python
+from pipeline.loaders import make_loader
+loader = make_loader("ffcv" | "dali" | "resident" | "cpu" | "auto", data_dir, split="train",
+                     batch_size=128, device="cpu", seed=0, rank=0, world=1, drop_last=None,
+                     augment=None)
+loader.set_epoch(e)                  # like DistributedSampler.set_epoch
+for images, labels in loader: ...    # uint8 [B,32,32,3], int64 [B] on `device`
+# with augment=CutNMix(...): for views, y_a, y_b, lam in loader: ...
+```
+
+`len(loader)` is the number of batches per epoch on this rank, `loader.num_samples` the samples
+they hold, `loader.name` the back-end actually used (for "auto": the one it picked). Epoch
+order, sharding, `drop_last` and augment seeding are defined once in `pipeline.loaders.base`.
+Back-end specific keyword arguments (`order=` for ffcv, `native_augment=` for dali,
+`num_workers=` for cpu) pass through `**options`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline import backends
+from pipeline.data.manifest import beton_file, load_manifest
+from pipeline.errors import CnmError
+from pipeline.loaders.base import BatchLoader, epoch_permutation, resolve_device
+
+__all__ = ["LOADERS", "make_loader", "choose_auto", "BatchLoader", "epoch_permutation"]
+
+# name -> (module, class, optional back-end import name)
+LOADERS: dict[str, tuple[str, str, str | None]] = {
+    "resident": ("pipeline.loaders.resident", "ResidentLoader", None),
+    "dali": ("pipeline.loaders.dali_loader", "DaliLoader", "nvidia.dali"),
+    "ffcv": ("pipeline.loaders.ffcv_loader", "FfcvLoader", "ffcv"),
+    "cpu": ("pipeline.loaders.cpu", "CpuLoader", None),
+}
+CHOICES = ("auto", *LOADERS)
+
+# On CUDA, the resident loader is used when the split takes at most this fraction of the free
+# device memory (the rest is for the model, activations and the augmented views).
+RESIDENT_MAX_FRACTION = 0.25
+
+
+def loader_class(name: str) -> type[BatchLoader]:
+    if name not in LOADERS:
+        raise CnmError(f"unknown loader {name!r} (choices: {', '.join(CHOICES)})")
+    module, cls, backend = LOADERS[name]
+    if backend is not None:
+        backends.require(backend, f"the {name} loader")
+    import importlib
+
+    return getattr(importlib.import_module(module), cls)
+
+
+def choose_auto(data_dir, split: str = "train", device="cpu") -> tuple[str, str]:
+    """(loader name, one-line reason) that `make_loader("auto", ...)` picks.
+
+    CUDA: "resident" when the split (uint8 images + int64 labels) takes at most
+    RESIDENT_MAX_FRACTION of the free device memory (`torch.cuda.mem_get_info`); otherwise
+    "dali" (it reads the .npy files every prepared directory has), then "ffcv" (needs the
+    .beton files), then "cpu". CPU: "resident" -- the split is held in host memory and batches
+    are one gather, measured fastest on the CPU by bench/loader_epoch.py (raw and augmented).
+    """
+    dev = resolve_device(device)
+    man = load_manifest(data_dir)
+    if split not in man.counts:
+        raise CnmError(f"{man.root}: no split {split!r} (have: {', '.join(man.counts)})")
+    need = man.counts[split] * (32 * 32 * 3 + 8)
+    if dev.type == "cpu":
+        return "resident", "on the CPU the in-memory resident loader is the fastest (bench/loader_epoch.py)"
+    free, _total = torch.cuda.mem_get_info(dev)
+    if need <= RESIDENT_MAX_FRACTION * free:
+        return "resident", f"the {split} split ({need / 2**20:.0f} MiB) fits in free GPU memory ({free / 2**30:.1f} GiB)"
+    reason = f"the {split} split ({need / 2**20:.0f} MiB) is too large for free GPU memory ({free / 2**30:.1f} GiB)"
+    if backends.available("nvidia.dali"):
+        return "dali", reason + "; DALI is installed"
+    if backends.available("ffcv") and man.has(beton_file(split)):
+        return "ffcv", reason + "; FFCV is installed and the .beton exists"
+    return "cpu", reason + "; neither DALI nor FFCV is usable"
+
+
+def make_loader(name: str, data_dir, split: str = "train", batch_size: int = 128, device="cpu",
+                seed: int = 0, rank: int = 0, world: int = 1, drop_last: bool | None = None,
+                augment=None, **options) -> BatchLoader:
+    """Build a loader of `split` of the prepared directory `data_dir` (see the module docstring).
+
+    name: "ffcv" | "dali" | "resident" | "cpu" | "auto". device: "cpu" | "cuda[:N]" | "auto" |
+    torch.device. Raises a one-line CnmError for an unknown name, a missing back-end (naming
+    the pip extra), or a missing, corrupt or unknown-version prepared directory.
+    """
+    if not isinstance(name, str) or (name != "auto" and name not in LOADERS):
+        raise CnmError(f"unknown loader {name!r} (choices: {', '.join(CHOICES)})")
+    if name == "auto":
+        name, _reason = choose_auto(data_dir, split, device)
+    cls = loader_class(name)
+    try:
+        return cls(data_dir, split=split, batch_size=batch_size, device=device, seed=seed, rank=rank,
+                   world=world, drop_last=drop_last, augment=augment, **options)
+    except TypeError as e:
+        if "unexpected keyword" in str(e):
+            raise CnmError(f"{name} loader: {e}") from None
+        raise

@@ -1,0 +1,55 @@
+"""GPU-resident loader: the whole uint8 split lives on the device; batches are gathered by index.
+
+This is airbench's approach (Keller Jordan, "94% on CIFAR-10 in 3.29 seconds on a single GPU",
+2024): CIFAR's 50k x 32x32x3 uint8 train split is 150 MB, small enough to keep on the GPU, so
+an epoch is one permutation upload and `index_select` per batch -- no host work, no host
+synchronisation per batch, no workers. The permutation is the shared `(seed, epoch)` one of
+`pipeline.loaders.base` (drawn on the host, copied to the device once per epoch), so this
+loader reads exactly the batches of the cpu and dali loaders. With an augment op, each batch is
+augmented on the device right after indexing, with a device generator seeded from
+`(seed, epoch, rank, step)`.
+
+On the CPU the same code keeps the split in host memory as a torch tensor; it is the fastest
+CPU loader (see bench/loader_epoch.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.loaders.base import BatchLoader
+
+
+class ResidentLoader(BatchLoader):
+    """Whole split as device tensors: images uint8 [N,32,32,3], labels int64 [N]."""
+
+    name = "resident"
+
+    def __init__(self, data_dir, split="train", batch_size=128, device="cpu", seed=0, rank=0, world=1,
+                 drop_last=None, augment=None):
+        super().__init__(data_dir, split, batch_size, device, seed, rank, world, drop_last, augment)
+        images, labels = self.manifest.load_split(split, mmap=False, verify=True)
+        # Only this rank's part would suffice for the in-order test split, but the train split is
+        # reshuffled over all samples every epoch, so every rank holds the whole split.
+        self.images = _to_device(images, self.device)
+        self.labels = _to_device(labels, self.device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel() * self.images.element_size() + self.labels.numel() * 8
+
+    def _iter_epoch(self, epoch: int):
+        order = self.plan.indices(epoch)
+        if self.device.type == "cuda":
+            order = order.pin_memory().to(self.device, non_blocking=True)
+        for step, sl in enumerate(self.plan.batch_slices()):
+            idx = order[sl]
+            images = self.images.index_select(0, idx)
+            labels = self.labels.index_select(0, idx)
+            yield self._finish(images, labels, epoch, step)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    return t.to(device) if device.type != "cpu" else t
