@@ -73,7 +73,9 @@ def mix_normalise_np(
     each views[k] channels-last.
     """
     b, p = base.shape[:2]
-    views = np.ascontiguousarray(base.transpose(1, 0, 2, 3, 4))  # [P,B,H,W,3]
+    # a copy, always: pastes must read the untouched base views (for P=1 the transpose is
+    # already contiguous and ascontiguousarray would alias `base`)
+    views = base.transpose(1, 0, 2, 3, 4).copy()  # [P,B,H,W,3]
     if mode in BOX_MODES:
         for i in range(b):  # paste each sample's boxes from its partner, peer by peer
             h, w = int(box_h[i]), int(box_w[i])
