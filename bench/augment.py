@@ -358,6 +358,20 @@ def _unavailable(name: str, reason: str) -> dict:
             "peak_host_mb": None, "peak_device_mb": None}
 
 
+def backend_missing(name: str) -> str | None:
+    """Why pipeline `name` cannot run here for want of its back-end (naming the pip extra), or None."""
+    backend = BACKEND_OF.get(name)
+    if backend is None:
+        return None
+    from pipeline.backends import require
+
+    try:
+        require(backend, f"the {name} pipeline")
+    except CnmError as e:
+        return str(e)
+    return None
+
+
 def run_pipeline(name: str, builder: Builder, ctx: Context, *, clock: harness.Clock,
                  sync: Callable[[], None] | None = None, peak: tuple[float, str] | None = None) -> dict:
     """Build, warm up, time and close one pipeline; its result row (see `run_augment_bench`).
@@ -366,14 +380,9 @@ def run_pipeline(name: str, builder: Builder, ctx: Context, *, clock: harness.Cl
     """
     cfg = ctx.config
     sync = sync or harness.device_sync(ctx.device)
-    backend = BACKEND_OF.get(name)
-    if backend is not None:
-        from pipeline.backends import require
-
-        try:
-            require(backend, f"the {name} pipeline")
-        except CnmError as e:
-            return _unavailable(name, str(e))
+    missing = backend_missing(name)
+    if missing is not None:
+        return _unavailable(name, missing)
     workload = None
     mem = harness.PeakMemory(ctx.device)
     try:
@@ -428,6 +437,36 @@ def run_pipeline(name: str, builder: Builder, ctx: Context, *, clock: harness.Cl
     return row
 
 
+def run_guarded(name: str, builder: Builder, ctx: Context, *, clock: harness.Clock,
+                sync: Callable[[], None] | None = None, peak: tuple[float, str] | None = None) -> dict:
+    """run_pipeline, with a failure while running turned into an unavailable row."""
+    try:
+        return run_pipeline(name, builder, ctx, clock=clock, sync=sync, peak=peak)
+    except (CnmError, ImportError) as e:
+        return _unavailable(name, f"failed while running: {_one_line(e)}")
+    except Exception as e:  # one broken back-end must not lose the other pipelines' figures
+        row = _unavailable(name, f"failed while running: {e.__class__.__name__}: {_one_line(e)}")
+        row["failed"] = True
+        return row
+
+
+def context_for(cfg: AugmentConfig, data_dir: Path) -> Context:
+    """The Context of a run on a prepared directory (device, dtype and mean/std resolved)."""
+    from pipeline.data.manifest import load_manifest
+
+    device = resolve_device(cfg.device)
+    manifest = load_manifest(data_dir)
+    return Context(config=cfg, device=device, data_dir=Path(data_dir),
+                   out_dtype=resolve_dtype(cfg.dtype, device),
+                   mean=tuple(manifest.mean), std=tuple(manifest.std))
+
+
+def config_from_dict(values: dict) -> AugmentConfig:
+    values = dict(values)
+    values["pipelines"] = tuple(values["pipelines"])
+    return AugmentConfig(**values)
+
+
 def _one_line(e: BaseException) -> str:
     """The first line of an error; for errors re-raised from a worker (torch DataLoader puts the
     worker's traceback in the message) also the original error, its last line."""
@@ -465,16 +504,22 @@ def add_bandwidth(row: dict, bytes_per_image: float, peak: tuple[float, str] | N
 def run_augment_bench(cfg: AugmentConfig, *, builders: dict[str, Builder] | None = None,
                       clock: harness.Clock = time.perf_counter,
                       sync: Callable[[], None] | None = None,
-                      progress: Callable[[str], None] | None = None) -> dict:
+                      progress: Callable[[str], None] | None = None,
+                      isolate: bool = False) -> dict:
     """Run every selected pipeline once, in order; the JSON document (see bench.report).
 
     builders: pipeline name -> builder (default BUILDERS); tests inject fakes.
     clock, sync: the timing clock and device synchronisation (default: perf_counter and
                  torch.cuda.synchronize on CUDA); tests inject fakes.
+    isolate: time every pipeline in a fresh Python process (bench.isolated), so that memory,
+             threads and worker processes left by one pipeline cannot slow down or inflate the
+             next one (`cnm bench` does; needs the default builders, clock and sync).
     """
     from bench.report import environment
 
     cfg.validate()
+    if isolate and (builders is not None or sync is not None or clock is not time.perf_counter):
+        raise ValueError("isolate=True times the real pipelines: no injected builders, clock or sync")
     builders = BUILDERS if builders is None else builders
     say = progress or (lambda msg: None)
     device = resolve_device(cfg.device)
@@ -507,14 +552,19 @@ def run_augment_bench(cfg: AugmentConfig, *, builders: dict[str, Builder] | None
             if name not in builders:
                 results.append(_unavailable(name, "no builder for this pipeline"))
                 continue
-            say(f"timing {name}")
-            try:
-                row = run_pipeline(name, builders[name], ctx, clock=clock, sync=sync, peak=peak)
-            except CnmError as e:
-                row = _unavailable(name, f"failed while running: {_one_line(e)}")
-            except Exception as e:  # one broken back-end must not lose the other pipelines' figures
-                row = _unavailable(name, f"failed while running: {e.__class__.__name__}: {_one_line(e)}")
-                row["failed"] = True
+            say(f"timing {name}" + (" (in its own process)" if isolate else ""))
+            missing = backend_missing(name)
+            if missing is not None:
+                row = _unavailable(name, missing)
+            elif isolate:
+                from bench.isolated import run_isolated
+
+                row = run_isolated({"kind": "augment", "config": asdict(cfg), "name": name,
+                                    "data_dir": str(data_dir), "peak": list(peak) if peak else None})
+                if not row.get("available", False) and "pipeline" not in row:
+                    row = _unavailable(name, row["reason"]) | {"failed": True}
+            else:
+                row = run_guarded(name, builders[name], ctx, clock=clock, sync=sync, peak=peak)
             results.append(row)
             if row["available"]:
                 med = row["images_per_s"]["median"]

@@ -201,6 +201,29 @@ def add_ratios(results: list[dict], baseline: str = "eager-fp32") -> None:
             r["ratio_to_eager"] = stats.ratio(r["images_per_s"]["median"], base_median)
 
 
+def run_variant_guarded(name: str, cfg: TrainBenchConfig, *, factory: StepFactory | None = None,
+                        clock: harness.Clock = time.perf_counter,
+                        sync: Callable[[], None] | None = None) -> dict:
+    """The row of variant `name`; a failure while running becomes an unavailable row."""
+    device = resolve_device(cfg.device)
+    variant = {v.name: v for v in variants_for(device)}[name]
+    sync = sync or harness.device_sync(device)
+    try:
+        return run_variant(variant, factory or default_step_factory, cfg, device, clock=clock, sync=sync)
+    except (CnmError, ImportError) as e:
+        return _not_applicable(variant, f"failed while running: {_one_line(e)}")
+    except Exception as e:  # a broken variant must not lose the others' figures
+        row = _not_applicable(variant, f"failed while running: {e.__class__.__name__}: {_one_line(e)}")
+        row["failed"] = True
+        return row
+
+
+def config_from_dict(values: dict) -> TrainBenchConfig:
+    values = dict(values)
+    values["variants"] = tuple(values["variants"])
+    return TrainBenchConfig(**values)
+
+
 def _check_archs(arch: str) -> None:
     """A one-line CnmError for an unknown --arch before anything is built."""
     try:
@@ -213,29 +236,39 @@ def _check_archs(arch: str) -> None:
 
 def run_train_bench(cfg: TrainBenchConfig, *, factory: StepFactory | None = None,
                     clock: harness.Clock = time.perf_counter, sync: Callable[[], None] | None = None,
-                    progress: Callable[[str], None] | None = None) -> dict:
-    """Time every selected variant; the JSON document (schema in bench.report)."""
+                    progress: Callable[[str], None] | None = None, isolate: bool = False) -> dict:
+    """Time every selected variant; the JSON document (schema in bench.report).
+
+    factory, clock, sync: injected by tests (default: the real step, perf_counter, device sync).
+    isolate: time every variant in a fresh Python process (bench.isolated), so that global state
+             one variant sets (cuDNN autotuning, the CUDA allocator pool, threads) cannot favour
+             or penalise the next (`cnm bench train` does).
+    """
     from bench.report import environment
 
     cfg.validate()
+    if isolate and (factory is not None or sync is not None or clock is not time.perf_counter):
+        raise ValueError("isolate=True times the real step: no injected factory, clock or sync")
     factory = factory or default_step_factory
     say = progress or (lambda msg: None)
     if factory is default_step_factory:
         _check_archs(cfg.arch)
     device = resolve_device(cfg.device)
     sync = sync or harness.device_sync(device)
-    by_name = {v.name: v for v in variants_for(device)}
     results = []
     for name in cfg.variants:
-        variant = by_name[name]
-        say(f"timing {name}")
-        try:
-            row = run_variant(variant, factory, cfg, device, clock=clock, sync=sync)
-        except CnmError as e:
-            row = _not_applicable(variant, f"failed while running: {_one_line(e)}")
-        except Exception as e:  # a broken variant must not lose the others' figures
-            row = _not_applicable(variant, f"failed while running: {e.__class__.__name__}: {_one_line(e)}")
-            row["failed"] = True
+        say(f"timing {name}" + (" (in its own process)" if isolate else ""))
+        variant = {v.name: v for v in variants_for(device)}[name]
+        if variant.cuda_only and device.type != "cuda":
+            row = _not_applicable(variant, f"not applicable on {device.type} (needs CUDA)")
+        elif isolate:
+            from bench.isolated import run_isolated
+
+            row = run_isolated({"kind": "train", "config": asdict(cfg), "variant": name})
+            if "variant" not in row:
+                row = _not_applicable(variant, row["reason"]) | {"failed": True}
+        else:
+            row = run_variant_guarded(name, cfg, factory=factory, clock=clock, sync=sync)
         results.append(row)
         if row["available"]:
             say(f"  {name}: {row['images_per_s']['median']:,.0f} images/s, "

@@ -62,6 +62,8 @@ def _progress(quiet: bool):
 
 def _output_options(f):
     f = click.option("--quiet", "-q", is_flag=True, help="no progress lines on stderr")(f)
+    f = click.option("--isolate/--no-isolate", default=True, show_default=True,
+                     help="time every row in a fresh Python process (no state carried between rows)")(f)
     f = click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
                      help="draw images/s per pipeline (log scale) to this PNG (needs cnm[plot])")(f)
     f = click.option("--results-dir", type=click.Path(file_okay=False), default=None,
@@ -101,7 +103,7 @@ def _output_options(f):
 @click.pass_context
 def bench(ctx, data, synthetic_images, device, peers, batch_size, mode, dtype, pipelines, repeats,
           batches, images, seconds, warmup, seed, peak_gbps, json_path, save, results_dir, plot_path,
-          quiet):
+          isolate, quiet):
     """Augmentation throughput: images/s with all peer views finished on the device, for every
     pipeline (cpu baseline, ffcv, dali, dali-native, resident, the op alone), side by side.
 
@@ -121,7 +123,7 @@ def bench(ctx, data, synthetic_images, device, peers, batch_size, mode, dtype, p
         from bench.report import require_matplotlib
 
         require_matplotlib()
-    doc = run_augment_bench(cfg, progress=_progress(quiet))
+    doc = run_augment_bench(cfg, progress=_progress(quiet), isolate=isolate)
     _emit(doc, json_path=json_path, save=save, results_dir=results_dir, plot_path=plot_path, quiet=quiet)
 
 
@@ -144,7 +146,7 @@ def bench(ctx, data, synthetic_images, device, peers, batch_size, mode, dtype, p
 @click.option("--seed", default=0, show_default=True, type=int)
 @_output_options
 def train(arch, peers, batch_size, device, num_classes, mix, variants, repeats, steps, seconds, warmup,
-          seed, json_path, save, results_dir, plot_path, quiet):
+          seed, json_path, save, results_dir, plot_path, isolate, quiet):
     """Train-step throughput (images/s, ms/step) of the peer ensemble: eager fp32, channels-last,
     bf16, CUDA graphs, grouped peers (those that apply on the device)."""
     from bench.train import TrainBenchConfig, run_train_bench
@@ -158,7 +160,7 @@ def train(arch, peers, batch_size, device, num_classes, mix, variants, repeats, 
         from bench.report import require_matplotlib
 
         require_matplotlib()
-    doc = run_train_bench(cfg, progress=_progress(quiet))
+    doc = run_train_bench(cfg, progress=_progress(quiet), isolate=isolate)
     _emit(doc, json_path=json_path, save=save, results_dir=results_dir, plot_path=plot_path, quiet=quiet)
 
 

@@ -241,3 +241,35 @@ def test_real_pipelines_end_to_end_cpu(tmp_path):
     assert doc["config"]["dtype_resolved"] == "float32"
     assert rows["cpu"]["peak_device_mb"] is None  # no device memory on a CPU run
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.gpu
+def test_real_pipelines_end_to_end_cuda():
+    """On a GPU box (where ffcv/DALI may be missing: those rows are then unavailable)."""
+    cfg = tiny(device="cuda", pipelines=("cpu", "ffcv", "dali", "resident", "op"), synthetic_images=256,
+               batch_size=64, peers=3, batches=3)
+    doc = run_augment_bench(cfg)
+    check_schema(doc)
+    rows = {r["pipeline"]: r for r in doc["results"]}
+    for name in ("cpu", "resident", "op"):
+        assert rows[name]["available"], rows[name].get("reason")
+        assert rows[name]["peak_device_mb"] > 0
+    assert doc["config"]["dtype_resolved"] == "bfloat16"
+    assert rows["op"]["bytes_per_image"] == 3072 + 3 * 3072 * 2
+    from bench.peaks import peak_bandwidth_gbps
+
+    if peak_bandwidth_gbps(doc["env"]["device_name"]) is not None:
+        assert 0 < rows["op"]["fraction_of_peak"] < 1.5
+
+
+def test_isolated_child_failure_becomes_a_row():
+    from bench.isolated import run_isolated
+
+    row = run_isolated({"kind": "no-such-kind"})
+    assert row["available"] is False and row["failed"] is True
+    assert row["reason"] == "failed in its own process (exit status 1): unknown spec kind 'no-such-kind'"
+
+
+def test_isolate_refuses_injected_fakes():
+    with pytest.raises(ValueError, match="isolate"):
+        run_augment_bench(tiny(), builders={}, isolate=True)
