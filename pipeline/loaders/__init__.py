@@ -26,7 +26,7 @@ from pipeline.data.manifest import beton_file, load_manifest
 from pipeline.errors import CnmError
 from pipeline.loaders.base import BatchLoader, epoch_permutation, resolve_device
 
-__all__ = ["LOADERS", "make_loader", "choose_auto", "BatchLoader", "epoch_permutation"]
+__all__ = ["LOADERS", "CHOICES", "make_loader", "choose_auto", "auto_rule", "BatchLoader", "epoch_permutation"]
 
 # name -> (module, class, optional back-end import name)
 LOADERS: dict[str, tuple[str, str, str | None]] = {
@@ -67,15 +67,23 @@ def choose_auto(data_dir, split: str = "train", device="cpu") -> tuple[str, str]
     if split not in man.counts:
         raise CnmError(f"{man.root}: no split {split!r} (have: {', '.join(man.counts)})")
     need = man.counts[split] * (32 * 32 * 3 + 8)
-    if dev.type == "cpu":
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 0
+    return auto_rule(dev.type, need, free, backends.available("nvidia.dali"),
+                     backends.available("ffcv") and man.has(beton_file(split)), split)
+
+
+def auto_rule(device_type: str, need_bytes: int, free_bytes: int, dali_ok: bool, ffcv_ok: bool,
+              split: str = "train") -> tuple[str, str]:
+    """The decision of `choose_auto` from its inputs (a pure function, tested on its own)."""
+    if device_type == "cpu":
         return "resident", "on the CPU the in-memory resident loader is the fastest (bench/loader_epoch.py)"
-    free, _total = torch.cuda.mem_get_info(dev)
-    if need <= RESIDENT_MAX_FRACTION * free:
-        return "resident", f"the {split} split ({need / 2**20:.0f} MiB) fits in free GPU memory ({free / 2**30:.1f} GiB)"
-    reason = f"the {split} split ({need / 2**20:.0f} MiB) is too large for free GPU memory ({free / 2**30:.1f} GiB)"
-    if backends.available("nvidia.dali"):
+    size = f"the {split} split ({need_bytes / 2**20:.0f} MiB)"
+    if need_bytes <= RESIDENT_MAX_FRACTION * free_bytes:
+        return "resident", f"{size} fits in free GPU memory ({free_bytes / 2**30:.1f} GiB)"
+    reason = f"{size} is too large for free GPU memory ({free_bytes / 2**30:.1f} GiB)"
+    if dali_ok:
         return "dali", reason + "; DALI is installed"
-    if backends.available("ffcv") and man.has(beton_file(split)):
+    if ffcv_ok:
         return "ffcv", reason + "; FFCV is installed and the .beton exists"
     return "cpu", reason + "; neither DALI nor FFCV is usable"
 

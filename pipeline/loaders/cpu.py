@@ -82,7 +82,7 @@ class _Collate:
         self.seed, self.rank, self.numpy_aug = seed, rank, numpy_aug
 
     def __call__(self, items):
-        if items and items[0][0] == "raw":
+        if self.numpy_aug is None:  # one ("raw", images, labels) item from __getitems__
             _, images, labels = items[0]
             return torch.from_numpy(images), torch.from_numpy(np.asarray(labels, dtype=np.int64))
         views = np.stack([it[0] for it in items])  # u8 [B,P,H,W,3]

@@ -15,10 +15,14 @@ built) to `base_epoch + epoch_idx`. DALI prefetches the next epoch as soon as on
 pipeline is rebuilt (cheap) whenever the requested epoch is not the one it prefetched -- after
 `set_epoch` jumps, or after an epoch that was left unfinished.
 
-Augment: with `native_augment=True` the ops worker's DALI-native Cut^nMix graph
-(`pipeline.ops.dali_graph`) runs inside the pipeline and DALI delivers finished
-`(views, y_a, y_b, lam)`; otherwise the augment op runs on the device right after loading,
-seeded like the resident loader's.
+Augment: with `native_augment=True` the DALI-native Cut^nMix graph (`pipeline.ops.dali_graph`:
+slice/flip/multi_paste/arithmetic operators) runs inside the pipeline and DALI delivers finished
+`(views, y_a, y_b, lam)`. Its parameters are drawn on the host, inside the source callback, with
+`augment.draw` from a CPU generator seeded `augment_seed(seed, epoch, rank, step)` -- the very
+parameters the resident loader draws on a CPU device, so on the CPU the two deliver identical
+views (tested). Only the float32 -> out_dtype cast and the [P,B,3,H,W] channels-last stacking
+happen in torch. Without the flag the augment op runs on the device right after loading, seeded
+like the resident loader's.
 """
 
 from __future__ import annotations
@@ -33,14 +37,19 @@ from pipeline.loaders.base import BatchLoader, augment_seed, default_workers
 
 
 class _EpochSource:
-    """external_source callback: BatchInfo(iteration, epoch_idx) -> (images u8 [b,32,32,3], labels i64 [b])."""
+    """external_source callback: BatchInfo(iteration, epoch_idx) -> this batch's arrays.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, plan, base_epoch: int, params_fn=None):
+    Raw: (images u8 [b,32,32,3], labels i64 [b]). Native augment: additionally y_b i64 [b],
+    lam f32 [b] and the per-sample parameter batches of `dali_graph.param_names(mode)`, drawn
+    by `native_params(epoch, step, b)`.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, plan, base_epoch: int, native_params=None):
         self.images = images
         self.labels = labels
         self.plan = plan
         self.base_epoch = base_epoch
-        self.params_fn = params_fn  # (epoch, step, batch) -> list of per-batch param arrays (native)
+        self.native_params = native_params
         self._orders: dict[int, np.ndarray] = {}
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -59,10 +68,16 @@ class _EpochSource:
         order = np.argsort(index, kind="stable")
         images = np.empty((len(index), *self.images.shape[1:]), np.uint8)
         images[order] = self.images[index[order]]  # sorted gather from the memory map
-        out = [images, np.ascontiguousarray(self.labels[index])]
-        if self.params_fn is not None:
-            out.extend(self.params_fn(epoch, info.iteration, len(index)))
-        return out
+        labels = np.ascontiguousarray(self.labels[index])
+        if self.native_params is None:
+            return images, labels
+        from pipeline.ops.dali_graph import dali_param_batches
+
+        params = self.native_params(epoch, info.iteration, len(index))
+        perm = params.perm.numpy()
+        h, w = images.shape[1:3]
+        return (images, labels, labels[perm], params.lam.numpy().astype(np.float32),
+                *dali_param_batches(params, h, w))
 
 
 class DaliLoader(BatchLoader):
@@ -90,7 +105,7 @@ class DaliLoader(BatchLoader):
         self._base_epoch = 0
         self._epochs_done = 0  # complete DALI epochs since the pipeline was built
         self._clean = False  # the last epoch ran to its end
-        self._graph = None
+        self._names: list[str] = []
 
     # ------------------------------------------------------------------ pipeline
     def _build(self, base_epoch: int) -> None:
@@ -100,36 +115,48 @@ class DaliLoader(BatchLoader):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         gpu = self.device.type == "cuda"
-        params_fn = None
-        if self.native_augment:
-            graph = self._native_graph()
-            params_fn = graph.params_source(self)
-        source = _EpochSource(self.images, self.labels, self.plan, base_epoch, params_fn)
+        source = _EpochSource(self.images, self.labels, self.plan, base_epoch,
+                              self._native_params if self.native_augment else None)
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
                         device_id=self.device.index if gpu else None,
                         prefetch_queue_depth=self.prefetch_queue_depth, exec_dynamic=True,
                         seed=augment_seed(self.seed, base_epoch, self.rank, -1) % 2**31)
         with pipe:
             if self.native_augment:
-                outputs = self._graph.define(source, gpu=gpu)
-                names = ["views", "y_a", "y_b", "lam"]
+                from pipeline.ops import dali_graph
+
+                names = dali_graph.param_names(self.augment.mode)
+                nodes = fn.external_source(source=source, num_outputs=4 + len(names), batch=True,
+                                           batch_info=True, layout=["HWC"] + [""] * (3 + len(names)))
+                images, labels, y_b, lam = nodes[:4]
+                views = dali_graph.cutnmix_graph(images.gpu() if gpu else images, dict(zip(names, nodes[4:])),
+                                                 peers=self.augment.peers, mode=self.augment.mode,
+                                                 height=32, width=32, mean=self.augment.mean, std=self.augment.std)
+                extra = [labels, y_b, lam]
+                outputs = views + ([t.gpu() for t in extra] if gpu else extra)
+                self._names = [f"view{k}" for k in range(len(views))] + ["y_a", "y_b", "lam"]
             else:
                 images, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
                                                     dtype=[types.UINT8, types.INT64], layout=["HWC", ""])
                 outputs = [images.gpu(), labels.gpu()] if gpu else [images, labels]
-                names = ["images", "labels"]
+                self._names = ["images", "labels"]
             pipe.set_outputs(*outputs)
-        self._names = names
-        self._iterator = DALIGenericIterator([pipe], names, auto_reset=True, prepare_first_batch=False)
+        self._iterator = DALIGenericIterator([pipe], self._names, auto_reset=True, prepare_first_batch=False)
         self._base_epoch = base_epoch
         self._epochs_done = 0
 
-    def _native_graph(self):
-        from pipeline.ops import dali_graph  # the ops worker's DALI-native Cut^nMix graph
+    def _native_params(self, epoch: int, step: int, batch: int):
+        """CutNMixParams of this batch, drawn on the host from the (seed, epoch, rank, step) CPU
+        generator: the same parameters the resident loader draws for it on a CPU device."""
+        g = torch.Generator().manual_seed(augment_seed(self.seed, epoch, self.rank, step))
+        return self.augment.draw(batch, "cpu", g)
 
-        if self._graph is None:
-            self._graph = dali_graph.build(self.augment, self.seed, self.rank)
-        return self._graph
+    def _native_batch(self, d: dict):
+        """DALI outputs -> (views [P,B,3,32,32] out_dtype channels-last per peer, y_a, y_b, lam)."""
+        peers = self.augment.peers
+        views = torch.stack([d[f"view{k}"] for k in range(peers)])  # float32 [P,B,H,W,3]
+        views = views.to(self.augment.out_dtype).permute(0, 1, 4, 2, 3)
+        return views, d["y_a"].long(), d["y_b"].long(), d["lam"].float()
 
     def _iter_epoch(self, epoch: int):
         if len(self) == 0:
@@ -141,7 +168,7 @@ class DaliLoader(BatchLoader):
         for out in self._iterator:
             d = out[0]
             if self.native_augment:
-                yield self._graph.finish(d, self.device)
+                yield self._native_batch(d)
             else:
                 yield self._finish(d["images"], d["labels"], epoch, step)
             step += 1
