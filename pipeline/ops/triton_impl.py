@@ -37,27 +37,32 @@ BLOCK = 1024  # elements per chunk (8 per thread with 4 warps)
 def _cutnmix_kernel(
     img_ptr,  # uint8 [B,H,W,3] contiguous
     out_ptr,  # out dtype [P,B,H,W,3] contiguous
-    oy_ptr, ox_ptr, flip_ptr,  # int64/int64/int8 [P,B]
+    oy_ptr, ox_ptr, flip_ptr,  # int64, int64, bool [P,B]
     perm_ptr,  # int64 [B]
     bh_ptr, bw_ptr,  # int64 [B]
     by_ptr, bx_ptr,  # int64 [P,B]
     lam_ptr,  # float32 [B]
     B, pad,
     mean0, mean1, mean2, inv0, inv1, inv2,  # float32 normalisation constants
-    P: tl.constexpr, H: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
-    BOX: tl.constexpr, BLEND: tl.constexpr,
+    P: tl.constexpr, H: tl.constexpr, W: tl.constexpr, N: tl.constexpr,  # N = H*W*3
+    BLOCK: tl.constexpr, BOX: tl.constexpr, BLEND: tl.constexpr,
+    WIDE: tl.constexpr,  # 64-bit offsets (only for batches of more than 2**31 output values)
 ):
-    N: tl.constexpr = H * W * 3
-    i = tl.program_id(0).to(tl.int64)  # this program's sample
-    j = tl.load(perm_ptr + i)  # its partner
+    i = tl.program_id(0)  # this program's sample
+    if WIDE:
+        i = i.to(tl.int64)
+    ity = i.dtype
+    j = tl.load(perm_ptr + i).to(ity)  # its partner
     if BOX:
-        bh = tl.load(bh_ptr + i)
-        bw = tl.load(bw_ptr + i)
+        bh = tl.load(bh_ptr + i).to(tl.int32)
+        bw = tl.load(bw_ptr + i).to(tl.int32)
     if BLEND:
         lam_a = tl.load(lam_ptr + i)
         lam_b = 1.0 - lam_a
     for t in tl.static_range(0, (N + BLOCK - 1) // BLOCK):
-        e = t * BLOCK + tl.arange(0, BLOCK)  # flat (y, x, c) index inside one [H,W,3] view
+        # flat (y, x, c) index inside one [H,W,3] view: H, W constexpr, so // and % are
+        # multiply-shifts; computed once per chunk and shared by the P peers
+        e = t * BLOCK + tl.arange(0, BLOCK)
         live = e < N
         y = e // (W * 3)
         x = (e // 3) % W
@@ -67,29 +72,29 @@ def _cutnmix_kernel(
         xf = (W - 1) - x  # column of the flipped crop
         for k in tl.static_range(P):
             kb = k * B
-            oy_i = tl.load(oy_ptr + kb + i)
-            ox_i = tl.load(ox_ptr + kb + i)
+            oy_i = tl.load(oy_ptr + kb + i).to(tl.int32)
+            ox_i = tl.load(ox_ptr + kb + i).to(tl.int32)
             fl_i = tl.load(flip_ptr + kb + i) != 0
-            oy_j = tl.load(oy_ptr + kb + j)
-            ox_j = tl.load(ox_ptr + kb + j)
+            oy_j = tl.load(oy_ptr + kb + j).to(tl.int32)
+            ox_j = tl.load(ox_ptr + kb + j).to(tl.int32)
             fl_j = tl.load(flip_ptr + kb + j) != 0
             if BLEND:
                 # own and partner base views, blended in float32 after normalising
                 sy = y + oy_i - pad
                 sx = tl.where(fl_i, xf, x) + ox_i - pad
                 ok = live & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
-                pa = tl.load(img_ptr + ((i * H + sy) * W + sx) * 3 + c, mask=ok, other=0)
+                pa = tl.load(img_ptr + i * N + ((sy * W + sx) * 3 + c), mask=ok, other=0)
                 sy = y + oy_j - pad
                 sx = tl.where(fl_j, xf, x) + ox_j - pad
                 ok = live & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
-                pb = tl.load(img_ptr + ((j * H + sy) * W + sx) * 3 + c, mask=ok, other=0)
+                pb = tl.load(img_ptr + j * N + ((sy * W + sx) * 3 + c), mask=ok, other=0)
                 na = (pa.to(tl.float32) - mean) * inv
                 nb = (pb.to(tl.float32) - mean) * inv
                 v = lam_a * na + lam_b * nb
             else:
                 if BOX:
-                    by = tl.load(by_ptr + kb + i)
-                    bx = tl.load(bx_ptr + kb + i)
+                    by = tl.load(by_ptr + kb + i).to(tl.int32)
+                    bx = tl.load(bx_ptr + kb + i).to(tl.int32)
                     inb = (y >= by) & (y < by + bh) & (x >= bx) & (x < bx + bw)
                     s = tl.where(inb, j, i)  # whose base view this pixel shows
                     oy = tl.where(inb, oy_j, oy_i)
@@ -102,9 +107,10 @@ def _cutnmix_kernel(
                     fl = fl_i
                 sy = y + oy - pad  # pad, crop, then flip (crop coordinates mirrored)
                 sx = tl.where(fl, xf, x) + ox - pad
-                ok = live & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
-                p = tl.load(img_ptr + ((s * H + sy) * W + sx) * 3 + c, mask=ok, other=0)
+                ok = live & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)  # else zero padding
+                p = tl.load(img_ptr + s * N + ((sy * W + sx) * 3 + c), mask=ok, other=0)
                 v = (p.to(tl.float32) - mean) * inv
+            # contiguous, 16-byte aligned run of BLOCK outputs: coalesced vector stores
             tl.store(out_ptr + (kb + i) * N + e, v.to(out_ptr.dtype.element_ty), mask=live)
 
 
@@ -114,24 +120,29 @@ def triton_cutnmix_views(
     mean32: np.ndarray,
     inv_std32: np.ndarray,
     out_dtype: torch.dtype,
+    wide: bool | None = None,
 ) -> torch.Tensor:
     """images uint8 [B,H,W,3] -> views [P,B,3,H,W] out_dtype (each views[k] channels-last).
 
-    One kernel launch, grid (B,); no host synchronisation.
+    One kernel launch, grid (B,); no host synchronisation. Offsets are 32-bit unless the output
+    has 2**31 values or more (`wide`=True forces the 64-bit variant, for tests).
     """
     b, h, w, _ = images.shape
     P = params.peers
     out = torch.empty((P, b, h, w, 3), dtype=out_dtype, device=images.device)
     m = [float(v) for v in mean32]  # float32 values, exactly representable: passed as fp32
     s = [float(v) for v in inv_std32]
+    n = h * w * 3
     _cutnmix_kernel[(b,)](
         images.contiguous(), out,
-        params.offset_y.contiguous(), params.offset_x.contiguous(), params.flip.to(torch.int8).contiguous(),
+        # the params are tiny and already contiguous: pass them as they are (no extra kernels)
+        params.offset_y.contiguous(), params.offset_x.contiguous(), params.flip.contiguous(),
         params.perm, params.box_h, params.box_w, params.box_y.contiguous(), params.box_x.contiguous(),
         params.lam,
         b, params.pad, m[0], m[1], m[2], s[0], s[1], s[2],
-        P=P, H=h, W=w, BLOCK=BLOCK,
+        P=P, H=h, W=w, N=n, BLOCK=BLOCK,
         BOX=params.mode in BOX_MODES, BLEND=params.mode == "mixup",
+        WIDE=bool(wide) if wide is not None else out.numel() >= 2**31 - BLOCK,
         num_warps=4, enable_fp_fusion=False,  # no FMA: the mixup blend must round like torch
     )
     return out.permute(0, 1, 4, 2, 3)

@@ -210,3 +210,17 @@ def test_params_with_other_mode_change_only_the_mixing():
     p_cut = draw_params(6, 2, 8, 8, mode="cutmix", mix_prob=1.0, generator=g())
     assert torch.equal(p_cut.box_h, p_mix.box_h) and torch.equal(p_cut.perm, p_mix.perm)
     assert dataclasses.replace(p_none, mode="none").perm.tolist() == list(range(6))
+
+
+@interpreter_only
+@pytest.mark.parametrize("mode", ["cutnmix", "mixup"])
+def test_triton_64bit_offsets_variant(mode):
+    """The kernel's 64-bit offset variant (used for > 2**31 output values) computes the same."""
+    from pipeline.ops.params import norm_constants
+    from pipeline.ops.triton_impl import triton_cutnmix_views
+
+    params = draw_params(4, 2, 6, 5, mode=mode, mix_prob=1.0, pad=2, generator=torch.Generator().manual_seed(4))
+    imgs = images(4, 6, 5, seed=4)
+    mean32, inv_std32 = norm_constants(MEAN, STD)
+    wide = triton_cutnmix_views(imgs, params, mean32, inv_std32, torch.float32, wide=True)
+    assert_views_equal(wide, run("reference", imgs, torch.arange(4), params))
