@@ -26,9 +26,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -186,15 +186,21 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
     as it was. An existing `out` is replaced only with `force` (the old one is moved aside first
     and deleted after the rename, so there is never a moment without a complete output).
     """
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." or "x/" get a real name; symlinks are kept as given
     if out.exists() and not force:
         raise CnmError(f"{out}: already exists; pass --force to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
+    if force and out.exists() and not replaceable(out):
+        raise CnmError(f"{out}: exists and is not a `cnm prepare` output (no {MANIFEST}); refusing to "
+                       f"replace it even with --force: choose another output directory")
+    parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output is an ordinary directory
     except OSError as e:
-        raise CnmError(f"{out}: cannot create the output directory ({_oserror(e)})") from None
+        raise CnmError(f"{out}: cannot create the output directory ({os_error_reason(e)})") from None
     try:
         yield tmp
         old = None
@@ -206,13 +212,22 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CnmError(f"{out}: write failed ({_oserror(e)}); nothing was written") from None
+        raise CnmError(f"{out}: write failed ({os_error_reason(e)}); nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _oserror(e: OSError) -> str:
+def replaceable(out: str | os.PathLike) -> bool:
+    """What --force may replace: an earlier prepared directory, or an empty directory."""
+    out = Path(out)
+    if out.is_dir():
+        return (out / MANIFEST).is_file() or not any(out.iterdir())
+    return False
+
+
+def os_error_reason(e: OSError) -> str:
+    """A short reason for an OSError: "no space left on device", "permission denied", ..."""
     if e.errno == errno.ENOSPC:
         return "no space left on device"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -221,23 +236,38 @@ def _oserror(e: OSError) -> str:
 
 
 def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (population) in pixel units of uint8 [N,H,W,3] images."""
-    s = np.zeros(3, np.float64)
-    ss = np.zeros(3, np.float64)
-    n = 0
+    """Per-channel mean and (population) std in pixel units of uint8 [N,H,W,3] images.
+
+    Exact: a 256-bin histogram per channel (integer counts), then mean and variance from it.
+    """
+    hist = np.zeros((3, 256), np.int64)
     for i in range(0, len(images), chunk):
-        x = np.asarray(images[i:i + chunk], dtype=np.float64).reshape(-1, 3)
-        s += x.sum(0)
-        ss += (x * x).sum(0)
-        n += x.shape[0]
-    mean = s / max(n, 1)
-    std = np.sqrt(np.maximum(ss / max(n, 1) - mean * mean, 0.0))
+        block = np.asarray(images[i:i + chunk]).reshape(-1, 3)
+        for c in range(3):
+            hist[c] += np.bincount(block[:, c], minlength=256)
+    hist = hist.astype(np.float64)
+    values = np.arange(256, dtype=np.float64)
+    n = np.maximum(hist.sum(1), 1)
+    mean = (hist * values).sum(1) / n
+    var = (hist * (values - mean[:, None]) ** 2).sum(1) / n
+    std = np.sqrt(var)
     return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.lib.format.write_array(f, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: Path) -> None:
+    """Flush a finished file to disk, so the final rename never exposes a truncated file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Pairs:
@@ -254,19 +284,81 @@ class _Pairs:
 
 
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, num_workers: int | None = None) -> None:
-    """FFCV file with fields `image` (RGBImageField, raw) and `label` (IntField)."""
+    """FFCV file with fields `image` (RGBImageField, raw) and `label` (IntField).
+
+    images uint8 [N,32,32,3], labels int [N]. FFCV's own writer fans the samples out to worker
+    processes and then polls a shared counter until every sample is done, so a worker that dies
+    (a full disk) hangs it, and Ctrl-C leaves orphans and a shared-memory segment behind. Raw
+    32x32 images are a memory copy each, so cnm runs ffcv's worker function in this process
+    instead: the file is byte-for-byte what ffcv writes with one worker, every error propagates
+    here, and nothing is left behind. `num_workers` is accepted for compatibility and ignored.
+    """
     from pipeline.backends import require
 
     require("ffcv", "writing .beton files")
+    import ctypes
+    import multiprocessing
+    import queue
+
     from ffcv.fields import IntField, RGBImageField
+    from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter
 
-    writer = DatasetWriter(
-        str(path),
-        {"image": RGBImageField(write_mode="raw"), "label": IntField()},
-        num_workers=num_workers or min(4, os.cpu_count() or 1),
-    )
-    writer.from_indexed_dataset(_Pairs(images, labels))
+    class InProcessWriter(DatasetWriter):
+        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+            self.num_samples = num_samples
+            self.prepare()  # writes the header and field table; allocates a shared-memory table
+            shm, size = self.metadata_sm, num_samples * self.metadata_type.itemsize
+            self.metadata_sm = _Buffer(bytearray(size))  # a private table instead
+            shm.close()
+            shm.unlink()
+            todo: queue.SimpleQueue = queue.SimpleQueue()
+            for item in queue_content:
+                todo.put(item)
+            todo.put(None)
+            allocations: queue.SimpleQueue = queue.SimpleQueue()
+            done = multiprocessing.Value(ctypes.c_uint64, 0)
+            allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+            work_fn(todo, self.metadata_sm, self.metadata_type, self.fields, allocator, done,
+                    allocations, *extra_worker_args)
+            self.finalize(allocations.get())
+
+    fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
+    # 2 MiB pages (ffcv's minimum; its default is 8 MiB): a small set's file stays small
+    writer = InProcessWriter(str(path), fields, page_size=1 << 21, num_workers=1)
+    writer.from_indexed_dataset(_Pairs(images, labels), chunksize=1000)
+
+
+class _Buffer:
+    """Stands in for a SharedMemory block: ffcv only touches `.buf`."""
+
+    def __init__(self, buf: bytearray):
+        self.buf = buf
+
+
+def estimated_bytes(counts: Mapping[str, int], *, beton: bool, extra_label_sets: int = 0) -> int:
+    """Upper estimate of a prepared directory's size: npy arrays, labels, betons (raw pixels,
+    16 bytes of metadata per sample, page alignment) and the manifest."""
+    total = 1 << 16
+    for n in counts.values():
+        total += n * (3072 + 8 * (1 + extra_label_sets)) + 512
+        if beton:
+            total += n * (3072 + 32) + (8 << 20)
+    return total
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """One-line CnmError when the file system holding `out` has less than `needed` bytes free."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return  # cannot tell; the write itself will report a full disk
+    if free < needed:
+        raise CnmError(f"{out}: not enough disk space: needs about {needed / 1e6:.0f} MB, "
+                       f"{free / 1e6:.0f} MB free on that file system")
 
 
 def write_dataset(
@@ -296,6 +388,9 @@ def write_dataset(
         raise CnmError("write_dataset: a train split is required")
     say = progress or (lambda msg: None)
     num_classes = len(class_names)
+    out = Path(os.path.abspath(out))
+    check_free_space(out, estimated_bytes({k: len(v[1]) for k, v in splits.items()}, beton=bool(beton),
+                                          extra_label_sets=len(extra_labels or {})))
     with atomic_directory(out, force=force) as tmp:
         counts: dict[str, int] = {}
         for split, (images, labels) in splits.items():
@@ -314,11 +409,17 @@ def write_dataset(
             if beton:
                 say(f"writing {beton_file(split)}")
                 write_beton(tmp / beton_file(split), images, labels)
+                _fsync(tmp / beton_file(split))
         extra_meta = {}
         for name, (names, per_split) in (extra_labels or {}).items():
             extra_meta[name] = {"num_classes": len(names), "class_names": list(names)}
             for split, labels in per_split.items():
-                _save_npy(tmp / labels_file(split, name), np.asarray(labels).astype(np.int64))
+                labels = np.asarray(labels).astype(np.int64)
+                if split not in counts or labels.shape != (counts[split],):
+                    raise CnmError(f"{split}: {len(labels)} {name} labels for {counts.get(split, 0)} images")
+                if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+                    raise CnmError(f"{split}: {name} labels outside 0..{len(names) - 1}")
+                _save_npy(tmp / labels_file(split, name), labels)
         say("computing channel statistics and checksums")
         mean, std = channel_stats(splits["train"][0])
         files = {}
@@ -333,9 +434,11 @@ def write_dataset(
             "mean": mean,
             "std": std,
             "extra_labels": extra_meta,
+            "formats": {"npy": True, "beton": bool(beton)},
             "files": files,
             "source": dict(source or {}),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _fsync(tmp / MANIFEST)
     return load_manifest(out)

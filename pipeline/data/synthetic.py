@@ -1,0 +1,177 @@
+"""A small, learnable, CIFAR-shaped data set for offline use and tests (`--dataset synthetic`).
+
+Each image is a textured disc (the object) on a textured background (the clutter). The class
+decides two things about the disc, and nothing about anything else:
+
+- its texture: one of ten patterns that are symmetric under a horizontal flip, so the usual
+  flip augmentation keeps the label: horizontal stripes, vertical stripes, plaid (the sum of
+  both), checker (their product) and concentric rings, each at a wide (~9 px) or fine (~4.5 px)
+  period; class k has pattern k mod 10.
+- its hue: class k's hue is k/K of the colour wheel, jittered per image by a normal draw of
+  standard deviation min(0.06, 0.5/K) turns, so neighbouring hues overlap (hue alone gets
+  roughly two thirds of a 10-class set right) and classes that share a pattern (K > 10) stay
+  apart by hue.
+
+Everything else is drawn per image, independent of the label: the disc's centre (anywhere in
+the middle 16x16), radius (7..12 px), saturation, brightness, the pattern's phase and a +-10%
+frequency jitter; the background's hue, saturation, brightness and gradient, plus a faint
+distractor pattern drawn from the same ten; then additive pixel noise. A model must find the
+disc and read its texture and colour: a small ResNet on a CPU gets far above chance within a
+minute, while a linear model on raw pixels does not get far.
+
+Deterministic: the same (num_classes, train_size, test_size, seed) gives the same bytes on every
+machine (numpy's PCG64 `default_rng`, float32 arithmetic, fixed chunking). Train and test are
+independent draws from the same distribution. Labels are balanced (counts differ by at most one).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipeline.errors import CnmError
+
+GENERATOR = "cnm-synthetic-v1"  # bump when the images change for a given seed
+PATTERNS = ("h-stripes", "v-stripes", "plaid", "checker", "rings")
+PERIODS = {"wide": 9.0, "fine": 4.5}  # pixels per cycle
+MAX_CLASSES = 100
+MAX_SIZE = 1_000_000
+CHUNK = 1024  # images generated at a time; fixed so the output never depends on memory
+
+
+def class_names(num_classes: int) -> list[str]:
+    """e.g. "rings-fine-hue252": pattern, period and the class's hue in degrees."""
+    names = []
+    for k in range(num_classes):
+        t = k % 10
+        period = "wide" if t < 5 else "fine"
+        names.append(f"{PATTERNS[t % 5]}-{period}-hue{round(360 * k / num_classes) % 360:03d}")
+    return names
+
+
+def check_params(num_classes: int, train_size: int, test_size: int, seed: int) -> None:
+    """One-line CnmError for parameters that make no data set."""
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise CnmError(f"--num-classes must be between 2 and {MAX_CLASSES}, got {num_classes}")
+    for flag, n in (("--train-size", train_size), ("--test-size", test_size)):
+        if not 1 <= n <= MAX_SIZE:
+            raise CnmError(f"{flag} must be between 1 and {MAX_SIZE}, got {n}")
+    if train_size < num_classes:
+        raise CnmError(f"--train-size {train_size} is smaller than --num-classes {num_classes}: "
+                       f"some classes would have no training image")
+    if not 0 <= seed < 2 ** 63:
+        raise CnmError(f"--seed must be a non-negative integer below 2**63, got {seed}")
+
+
+def make_synthetic(num_classes: int = 10, train_size: int = 5000, test_size: int = 1000,
+                   seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"train": (images uint8 [N,32,32,3], labels int64 [N]), "test": (...)}."""
+    check_params(num_classes, train_size, test_size, seed)
+    out = {}
+    for stream, (split, n) in enumerate((("train", train_size), ("test", test_size))):
+        rng = np.random.default_rng([seed, stream])
+        labels = rng.permutation(np.arange(n, dtype=np.int64) % num_classes)
+        images = np.empty((n, 32, 32, 3), np.uint8)
+        for start in range(0, n, CHUNK):
+            y = labels[start:start + CHUNK]
+            images[start:start + len(y)] = render(y, num_classes, rng)
+        out[split] = (images, labels)
+    return out
+
+
+def source_identity(num_classes: int, train_size: int, test_size: int, seed: int) -> dict:
+    return {"kind": "synthetic", "dataset": "synthetic", "generator": GENERATOR,
+            "num_classes": num_classes, "train_size": train_size, "test_size": test_size, "seed": seed}
+
+
+# --------------------------------------------------------------------------- rendering
+
+_YY, _XX = np.meshgrid(np.arange(32, dtype=np.float32), np.arange(32, dtype=np.float32), indexing="ij")
+
+
+def _u(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
+    """n uniforms in [lo, hi) as float32 [n,1,1] (broadcast over the image)."""
+    return rng.uniform(lo, hi, n).astype(np.float32)[:, None, None]
+
+
+def pattern(kind: np.ndarray, freq: np.ndarray, phase1: np.ndarray, phase2: np.ndarray,
+            cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
+    """Texture in [-1, 1], float32 [n,32,32].
+
+    kind int [n] in 0..4 (PATTERNS); freq (cycles/px), phases and centre (cy, cx) float32
+    [n,1,1]. Every pattern is symmetric under x -> -x about its centre up to its phase, so a
+    horizontal flip maps a class's texture onto the same class's texture.
+    """
+    n = len(kind)
+    out = np.empty((n, 32, 32), np.float32)
+    w = np.float32(2 * math.pi) * freq
+    for k in range(len(PATTERNS)):
+        sel = np.flatnonzero(kind == k)
+        if not len(sel):
+            continue
+        v = _YY[None] - cy[sel]
+        u = _XX[None] - cx[sel]
+        ws, p1, p2 = w[sel], phase1[sel], phase2[sel]
+        if k == 0:
+            tex = np.cos(ws * v + p1)
+        elif k == 1:
+            tex = np.cos(ws * u + p2)
+        elif k == 2:
+            tex = 0.5 * (np.cos(ws * v + p1) + np.cos(ws * u + p2))
+        elif k == 3:
+            tex = np.cos(ws * v + p1) * np.cos(ws * u + p2)
+        else:
+            tex = np.cos(ws * np.sqrt(u * u + v * v) + p1)
+        out[sel] = tex
+    return out
+
+
+def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """HSV in [0,1] (h in turns, any real) float32 [...] -> RGB float32 [..., 3].
+
+    RGB is linear in v for fixed (h, s), which `render` uses to scale colours by a texture.
+    """
+    h = np.mod(h, 1.0) * 6.0
+    i = np.floor(h)
+    f = h - i
+    p = v * (1 - s)
+    q = v * (1 - s * f)
+    t = v * (1 - s * (1 - f))
+    i = i.astype(np.int64) % 6
+    r = np.choose(i, [v, q, p, p, t, v])
+    g = np.choose(i, [t, v, v, q, p, p])
+    b = np.choose(i, [p, p, t, v, v, q])
+    return np.stack([r, g, b], -1).astype(np.float32)
+
+
+def render(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Images of the given labels (int [n]) -> uint8 [n,32,32,3]; draws from `rng` only."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    # the object: class texture and hue
+    t = labels % 10
+    freq = np.where(t < 5, 1 / PERIODS["wide"], 1 / PERIODS["fine"]).astype(np.float32)[:, None, None]
+    freq = freq * _u(rng, n, 0.9, 1.1)
+    cy, cx = _u(rng, n, 8, 24), _u(rng, n, 8, 24)
+    radius = _u(rng, n, 7, 12)
+    tex = pattern(t % 5, freq, _u(rng, n, 0, 2 * math.pi), _u(rng, n, 0, 2 * math.pi), cy, cx)
+    sigma = min(0.06, 0.5 / num_classes)
+    hue = labels / num_classes + rng.normal(0, sigma, n)
+    colour = hsv_to_rgb(hue, rng.uniform(0.5, 1.0, n), rng.uniform(0.55, 0.95, n))  # [n,3]
+    fg = (0.6 + 0.4 * tex)[..., None] * colour[:, None, None, :]
+    dist = np.sqrt((_YY[None] - cy) ** 2 + (_XX[None] - cx) ** 2)
+    mask = np.clip((radius - dist) / 1.5 + 0.5, 0, 1)[..., None]
+    # the clutter: a dull colour unrelated to the label, a gradient, a faint random pattern
+    bkind = rng.integers(0, len(PATTERNS), n)
+    bfreq = np.where(rng.random(n) < 0.5, 1 / PERIODS["wide"], 1 / PERIODS["fine"]).astype(np.float32)
+    btex = pattern(bkind, bfreq[:, None, None], _u(rng, n, 0, 2 * math.pi), _u(rng, n, 0, 2 * math.pi),
+                   _u(rng, n, 0, 32), _u(rng, n, 0, 32))
+    angle = _u(rng, n, 0, 2 * math.pi)
+    grad = ((_XX[None] - 15.5) * np.cos(angle) + (_YY[None] - 15.5) * np.sin(angle)) / 32
+    bval = np.clip(_u(rng, n, 0.25, 0.75) + _u(rng, n, 0, 0.4) * grad + _u(rng, n, 0, 0.12) * btex, 0, 1)
+    bcolour = hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(0, 0.35, n), np.ones(n))  # [n,3]
+    bg = bval[..., None] * bcolour[:, None, None, :]
+    img = mask * fg + (1 - mask) * bg
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(0.05)
+    return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)

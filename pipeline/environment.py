@@ -1,0 +1,156 @@
+"""What this machine offers cnm: versions, CUDA, and which loaders and kernels can run here.
+
+`describe()` is what `cnm info` prints and what `cnm bench` stores as the environment of its
+results. It never raises: a back-end that is missing or fails to import is reported as such
+(probed through `pipeline.backends`, which swallows import errors).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline import backends
+
+LOADERS = ("ffcv", "dali", "resident", "cpu")
+KERNELS = ("triton", "torch", "reference")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# shown name -> (distribution for the version, import name or None)
+PACKAGES = {
+    "torch": ("torch", "torch"),
+    "numpy": ("numpy", "numpy"),
+    "ffcv": ("ffcv", "ffcv"),
+    "nvidia-dali": ("nvidia-dali-cuda120", "nvidia.dali"),
+    "triton": ("triton", "triton"),
+    "click": ("click", None),
+    "rich": ("rich", None),
+}
+
+
+def _dist_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except Exception:  # noqa: BLE001 - malformed metadata must not crash `cnm info`
+        return None
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def git_info(root: Path = REPO_ROOT) -> dict | None:
+    """{"commit": sha, "dirty": bool} of the source checkout, or None outside a git checkout."""
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=False, capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                check=False, capture_output=True, text=True, timeout=10)
+        return {"commit": commit.stdout.strip(),
+                "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cuda_info() -> dict:
+    """{"available", "torch_cuda", "device_count", "devices": [name], "device": name | None,
+    "capability": "9.0" | None, "bf16": bool}; "error" when torch itself cannot be imported."""
+    info = {"available": False, "torch_cuda": None, "device_count": 0, "devices": [], "device": None,
+            "capability": None, "bf16": False}
+    try:
+        import torch
+
+        info["torch_cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            info.update(available=True, device_count=n,
+                        devices=[torch.cuda.get_device_name(i) for i in range(n)])
+            info["device"] = info["devices"][0] if n else None
+            major, minor = torch.cuda.get_device_capability(0)
+            info["capability"] = f"{major}.{minor}"
+            info["bf16"] = bool(torch.cuda.is_bf16_supported())
+    except Exception as e:  # noqa: BLE001 - a broken torch or driver must not crash `cnm info`
+        info["error"] = f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return info
+
+
+def _backend(name: str) -> tuple[bool, str]:
+    """(importable, note) of a back-end, with what to do when it is not."""
+    if backends.available(name):
+        return True, ""
+    extra = backends.BACKENDS[name][0]
+    if backends.version(name) is None:
+        return False, f"not installed: pip install 'cnm[{extra}]'"
+    return False, "installed but fails to import"
+
+
+def loaders_info(cuda: bool) -> dict[str, dict]:
+    """{loader: {"usable": bool, "note": str}} for LOADERS."""
+    ffcv_ok, ffcv_note = _backend("ffcv")
+    dali_ok, dali_note = _backend("nvidia.dali")
+    where = "GPU" if cuda else "host"
+    return {
+        "ffcv": {"usable": ffcv_ok,
+                 "note": ffcv_note or f"reads .beton files; batches go to the {where}"},
+        "dali": {"usable": dali_ok,
+                 "note": dali_note or ("GPU pipeline" if cuda else "CPU pipeline only (no CUDA)")},
+        "resident": {"usable": True, "note": f"whole uint8 set in {where} memory, shuffled there"},
+        "cpu": {"usable": True, "note": "torch DataLoader with per-sample numpy augmentation (baseline)"},
+    }
+
+
+def kernels_info(cuda: bool) -> dict[str, dict]:
+    """{kernel: {"usable": bool, "note": str}} for KERNELS (implementations of the Cut^nMix op)."""
+    tri_ok, tri_note = _backend("triton")
+    if tri_ok and not cuda:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            tri_note = "CPU interpreter (TRITON_INTERPRET=1): correct but slow"
+        else:
+            tri_ok, tri_note = False, "needs CUDA (TRITON_INTERPRET=1 runs it in the slow CPU interpreter)"
+    return {
+        "triton": {"usable": tri_ok, "note": tri_note or "fused one-pass kernel on the GPU"},
+        "torch": {"usable": True, "note": "vectorised torch ops" + (" (GPU or CPU)" if cuda else " (CPU)")},
+        "reference": {"usable": True, "note": "per-sample functional oracle (slow)"},
+    }
+
+
+def describe() -> dict:
+    """A JSON-able description of this environment (never raises).
+
+    Keys: python, platform, packages {name: version | None}, cuda (see `cuda_info`), cpu_count,
+    git ({"commit", "dirty"} | None), loaders / kernels ({name: {"usable", "note"}}),
+    usable_loaders / usable_kernels (names, in preference order).
+    """
+    out: dict = {"python": platform.python_version(), "executable": sys.executable,
+                 "platform": platform.platform(terse=True)}
+    packages = {}
+    for shown, (dist, _imp) in PACKAGES.items():
+        packages[shown] = _dist_version(dist)
+    try:
+        import torch
+
+        packages["torch"] = torch.__version__  # the local build tag (+cpu, +cu124)
+    except Exception:  # noqa: BLE001, S110 - a broken torch keeps its metadata version
+        pass
+    out["packages"] = packages
+    cuda = cuda_info()
+    out["cuda"] = cuda
+    out["cpu_count"] = cpu_count()
+    out["git"] = git_info()
+    out["loaders"] = loaders_info(cuda["available"])
+    out["kernels"] = kernels_info(cuda["available"])
+    out["usable_loaders"] = [k for k, v in out["loaders"].items() if v["usable"]]
+    out["usable_kernels"] = [k for k, v in out["kernels"].items() if v["usable"]]
+    return out

@@ -1,0 +1,102 @@
+"""`cnm info` and `pipeline.environment.describe`: complete, and never crashing when the
+optional back-ends (ffcv, DALI, triton) are missing."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from cnm.cli import main
+from pipeline import backends, environment
+
+HIDDEN = ("ffcv", "nvidia.dali", "nvidia", "triton")
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    cap = capsys.readouterr()
+    return e.value.code, cap.out, cap.err
+
+
+@pytest.fixture
+def hidden_backends(monkeypatch):
+    """ffcv, nvidia.dali and triton cannot be imported (as on a machine without them)."""
+    for name in HIDDEN:
+        monkeypatch.setitem(sys.modules, name, None)
+    backends.reset_cache()
+    yield
+    monkeypatch.undo()
+    backends.reset_cache()
+
+
+def test_describe_is_complete_and_json_able():
+    env = environment.describe()
+    json.dumps(env)
+    assert env["python"].count(".") == 2 and env["cpu_count"] >= 1
+    assert set(env["packages"]) >= {"torch", "numpy", "ffcv", "nvidia-dali", "triton"}
+    assert env["packages"]["torch"] and env["packages"]["numpy"]
+    assert set(env["cuda"]) >= {"available", "device", "devices", "device_count", "torch_cuda"}
+    assert list(env["loaders"]) == ["ffcv", "dali", "resident", "cpu"]
+    assert list(env["kernels"]) == ["triton", "torch", "reference"]
+    assert {"resident", "cpu"} <= set(env["usable_loaders"])
+    assert {"torch", "reference"} <= set(env["usable_kernels"])
+    assert env["usable_loaders"] == [k for k, v in env["loaders"].items() if v["usable"]]
+    if env["git"] is not None:
+        assert len(env["git"]["commit"]) == 40
+
+
+def test_describe_with_backends_hidden(hidden_backends):
+    env = environment.describe()
+    assert env["usable_loaders"] == ["resident", "cpu"]
+    assert env["usable_kernels"] == ["torch", "reference"]
+    for name, extra in (("ffcv", "ffcv"), ("dali", "dali")):
+        note = env["loaders"][name]["note"]
+        assert ("fails to import" in note) or (f"cnm[{extra}]" in note), note
+    assert not env["kernels"]["triton"]["usable"]
+
+
+def test_info_table(capsys):
+    code, out, err = run(capsys, "info")
+    assert code == 0 and err == ""
+    for word in ("torch", "numpy", "CUDA", "CPUs", "loaders", "ffcv", "dali", "resident", "cpu", "triton",
+                 "reference"):
+        assert word in out, word
+
+
+def test_info_with_backends_hidden(capsys, hidden_backends):
+    code, out, err = run(capsys, "info")
+    assert code == 0 and "Traceback" not in out + err
+    code, out, _ = run(capsys, "info", "--json")
+    env = json.loads(out)
+    assert code == 0 and env["usable_loaders"] == ["resident", "cpu"]
+    assert env["loaders"]["ffcv"]["usable"] is False and env["loaders"]["dali"]["usable"] is False
+
+
+def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    if not backends.available("triton"):
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    k = environment.kernels_info(cuda=False)["triton"]
+    assert k["usable"] and "interpreter" in k["note"]
+    monkeypatch.delenv("TRITON_INTERPRET")
+    k = environment.kernels_info(cuda=False)["triton"]
+    assert not k["usable"] and "needs CUDA" in k["note"]
+    assert environment.kernels_info(cuda=True)["triton"]["usable"]
+
+
+def test_broken_torch_cuda_query_does_not_crash(monkeypatch):
+    import torch
+
+    def boom():
+        raise RuntimeError("driver exploded")
+
+    monkeypatch.setattr(torch.cuda, "is_available", boom)
+    info = environment.cuda_info()
+    assert info["available"] is False and "driver exploded" in info["error"]
+
+
+def test_git_info_outside_a_checkout(tmp_path):
+    assert environment.git_info(tmp_path) is None
