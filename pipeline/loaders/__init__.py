@@ -14,10 +14,13 @@ for images, labels in loader: ...    # uint8 [B,32,32,3], int64 [B] on `device`
 they hold, `loader.name` the back-end actually used (for "auto": the one it picked). Epoch
 order, sharding, `drop_last` and augment seeding are defined once in `pipeline.loaders.base`.
 Back-end specific keyword arguments (`order=` for ffcv, `native_augment=` for dali,
-`num_workers=` for cpu) pass through `**options`.
+`num_workers=` for cpu) pass through `**options`; with "auto" those the picked loader does not
+take are dropped.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -99,9 +102,13 @@ def make_loader(name: str, data_dir, split: str = "train", batch_size: int = 128
     """
     if not isinstance(name, str) or (name != "auto" and name not in LOADERS):
         raise CnmError(f"unknown loader {name!r} (choices: {', '.join(CHOICES)})")
-    if name == "auto":
+    auto = name == "auto"
+    if auto:
         name, _reason = choose_auto(data_dir, split, device)
     cls = loader_class(name)
+    if auto:  # back-end specific options apply only if their back-end was picked
+        accepted = inspect.signature(cls.__init__).parameters
+        options = {k: v for k, v in options.items() if k in accepted}
     try:
         return cls(data_dir, split=split, batch_size=batch_size, device=device, seed=seed, rank=rank,
                    world=world, drop_last=drop_last, augment=augment, **options)
