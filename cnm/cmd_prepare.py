@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from pathlib import Path
 
 import click
@@ -13,6 +16,23 @@ def _say(msg: str) -> None:
 
 def _warn(msg: str) -> None:
     click.echo(f"warning: {msg}", err=True)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (`kill`, a job scheduler) unwinds like Ctrl-C, so the atomic writers clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _size(n: int) -> str:
@@ -51,9 +71,10 @@ def prepare(dataset, source, download, out, force, lenient, num_classes, train_s
     """
     from pipeline.data.prepare import prepare as run_prepare
 
-    res = run_prepare(dataset, out, source=source, download=download, force=force, lenient=lenient,
-                      beton=False if no_beton else None, num_classes=num_classes, train_size=train_size,
-                      test_size=test_size, seed=seed, cache_dir=cache_dir, say=_say, warn=_warn)
+    with _terminate_as_interrupt():
+        res = run_prepare(dataset, out, source=source, download=download, force=force, lenient=lenient,
+                          beton=False if no_beton else None, num_classes=num_classes, train_size=train_size,
+                          test_size=test_size, seed=seed, cache_dir=cache_dir, say=_say, warn=_warn)
     man = res.manifest
     total = sum(f["bytes"] for f in man.files.values())
     counts = " + ".join(f"{n} {split}" for split, n in man.counts.items())

@@ -9,11 +9,12 @@ A prepared directory holds, for each split `s` in (train, test):
 - optional extra label sets (CIFAR-100's coarse labels): `s_<name>_labels.npy` int64 [N]
 
 and `manifest.json` (FORMAT_VERSION below): dataset, num_classes, class names, counts,
-per-channel mean/std in pixel units (0..255) of the train split, the sha256 and size of every
-file, and where the data came from. `write_dataset` builds the directory under a temporary
-sibling name and renames it into place, so a crash, a full disk or Ctrl-C leaves no partial
-output. `load_manifest` checks everything a loader relies on and turns every fault into a
-one-line `CnmError`.
+per-channel mean/std in pixel units (0..255) of the train split, `extra_labels`, `formats`
+({"npy": true, "beton": bool}), the sha256 and size of every file, and where the data came
+from (`source`). `write_dataset` builds the directory under a temporary sibling name and
+renames it into place, so a crash, a full disk or Ctrl-C leaves no partial output.
+`load_manifest` checks everything a loader relies on and turns every fault into a one-line
+`CnmError`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -185,6 +188,9 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
     On any exception (a full disk, Ctrl-C) the temporary directory is removed and `out` is left
     as it was. An existing `out` is replaced only with `force` (the old one is moved aside first
     and deleted after the rename, so there is never a moment without a complete output).
+    Temporary names carry the host and process id (`.NAME.tmp-HOST-PID-XXXX`), so leftovers of
+    a process that was killed outright (SIGKILL, power loss) are recognised and removed by the
+    next run on the same host.
     """
     out = Path(os.path.abspath(out))  # "." or "x/" get a real name; symlinks are kept as given
     if out.exists() and not force:
@@ -193,9 +199,11 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
         raise CnmError(f"{out}: exists and is not a `cnm prepare` output (no {MANIFEST}); refusing to "
                        f"replace it even with --force: choose another output directory")
     parent = out.parent
+    stamp = f"{_host()}-{os.getpid()}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        remove_stale_siblings(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{stamp}-", dir=parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output is an ordinary directory
@@ -205,9 +213,14 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
         yield tmp
         old = None
         if out.exists():
-            old = parent / f".{out.name}.old-{os.getpid()}"
+            old = parent / f".{out.name}.old-{stamp}"
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)  # put the previous output back
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
@@ -216,6 +229,38 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname() or "host")[:40]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists under another user, or cannot tell: keep its files
+    return True
+
+
+def remove_stale_siblings(out: str | os.PathLike) -> list[str]:
+    """Delete `.NAME.tmp-HOST-PID-*` / `.NAME.old-HOST-PID` siblings of `out` left by a process
+    of this host that no longer runs; returns their names. Live processes' files are kept."""
+    out = Path(out)
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-{re.escape(_host())}-(\d+)(?:-|$)")
+    removed = []
+    try:
+        siblings = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
 
 
 def replaceable(out: str | os.PathLike) -> bool:
@@ -230,8 +275,10 @@ def os_error_reason(e: OSError) -> str:
     """A short reason for an OSError: "no space left on device", "permission denied", ..."""
     if e.errno == errno.ENOSPC:
         return "no space left on device"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if e.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
+    if e.errno == errno.EROFS:
+        return "read-only file system"
     return e.strerror or str(e)
 
 

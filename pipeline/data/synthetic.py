@@ -9,18 +9,24 @@ decides two things about the disc, and nothing about anything else:
   period; class k has pattern k mod 10.
 - its hue: class k's hue is k/K of the colour wheel, jittered per image by a normal draw of
   standard deviation min(0.06, 0.5/K) turns, so neighbouring hues overlap (hue alone gets
-  roughly two thirds of a 10-class set right) and classes that share a pattern (K > 10) stay
-  apart by hue.
+  about half of a 10-class set right) and classes that share a pattern (K > 10) stay apart
+  by hue.
 
 Everything else is drawn per image, independent of the label: the disc's centre (anywhere in
 the middle 16x16), radius (7..12 px), saturation, brightness, the pattern's phase and a +-10%
 frequency jitter; the background's hue, saturation, brightness and gradient, plus a faint
 distractor pattern drawn from the same ten; then additive pixel noise. A model must find the
-disc and read its texture and colour: a small ResNet on a CPU gets far above chance within a
-minute, while a linear model on raw pixels does not get far.
+disc and read its texture and colour. Measured on the default 10 classes (chance 0.10), 2000
+train / 500 test images (tests/pipeline/test_synthetic.py checks these with margins): a
+nearest class mean on raw pixels gets 0.39, a linear model on raw pixels 0.22, hue alone
+0.55; a linear model on translation-invariant features (|FFT| + colour of the most saturated
+pixels) 0.90. A 3-stage ResNet (16/32/64 channels, one block each) trained on the default 5000
+images with pad-4 crop and flip reached 0.76 test accuracy after 2 epochs (80 steps of 128)
+on 2 shared CPU cores: learnable quickly, not in one step.
 
-Deterministic: the same (num_classes, train_size, test_size, seed) gives the same bytes on every
-machine (numpy's PCG64 `default_rng`, float32 arithmetic, fixed chunking). Train and test are
+Deterministic: the same (num_classes, train_size, test_size, seed) gives the same bytes with
+the same numpy build (PCG64 `default_rng` streams, fixed chunking); numpy builds whose float32
+cos/sqrt differ in the last bit may round a rare pixel differently. Train and test are
 independent draws from the same distribution. Labels are balanced (counts differ by at most one).
 """
 

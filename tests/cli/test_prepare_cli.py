@@ -249,15 +249,17 @@ def test_default_out_is_data_dataset(tmp_path, capsys, monkeypatch):
     assert code == 0 and (tmp_path / "data" / "synthetic" / "manifest.json").is_file()
 
 
-def test_ctrl_c_while_writing_leaves_nothing(tmp_path):
-    """A real SIGINT while the output is half written: exit 130 and no trace of the output.
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_while_writing_leaves_nothing(tmp_path, sig):
+    """A real SIGINT (Ctrl-C) or SIGTERM while the output is half written: exit 130 and no
+    trace of the output.
 
     The child is frozen (SIGSTOP) as soon as it says it is writing, so the test can check that
-    the temporary directory really exists at that moment, then interrupted and resumed."""
+    the temporary directory really exists at that moment, then signalled and resumed."""
     out = tmp_path / "syn"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cnm", "prepare", "--dataset", "synthetic", "--train-size",
-                             "20000", "--test-size", "2000", "--no-beton", "--out", str(out)],
+                             "12000", "--test-size", "2000", "--no-beton", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
@@ -268,7 +270,7 @@ def test_ctrl_c_while_writing_leaves_nothing(tmp_path):
             assert time.monotonic() < deadline
         temps = [p for p in tmp_path.iterdir() if p.name.startswith(".syn.tmp-")]
         assert len(temps) == 1, "the child was not caught mid-write"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         proc.send_signal(signal.SIGCONT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:

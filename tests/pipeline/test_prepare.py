@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -300,6 +301,27 @@ def test_too_little_free_space_is_refused_up_front(tmp_path, small_tar, monkeypa
     with pytest.raises(CnmError, match="not enough disk space"):
         prepare("cifar100", out, source=tar, lenient=True, beton=False)
     assert_nothing_written(out)
+
+
+def test_leftovers_of_a_killed_run_are_removed(tmp_path):
+    """A run killed outright (SIGKILL) leaves its temporary directory; the next run on the same
+    host removes it, but never one of a process that is still running."""
+    import subprocess
+
+    host = manifest_mod._host()
+    dead_pid = subprocess.Popen(["true"])  # its pid is free once it has been waited for
+    dead_pid.wait()
+    out = tmp_path / "syn"
+    stale = tmp_path / f".syn.tmp-{host}-{dead_pid.pid}-abcd"
+    stale.mkdir()
+    (stale / "train_images.npy").write_bytes(b"half")
+    live = tmp_path / f".syn.tmp-{host}-{os.getppid()}-efgh"  # our parent is alive
+    live.mkdir()
+    other_host = tmp_path / f".syn.tmp-elsewhere-{dead_pid.pid}-ijkl"
+    other_host.mkdir()
+    prepare("synthetic", out, num_classes=3, train_size=9, test_size=3, beton=False)
+    assert not stale.exists() and live.exists() and other_host.exists()
+    assert load_manifest(out, verify=True).counts["train"] == 9
 
 
 def test_unwritable_location(tmp_path):
