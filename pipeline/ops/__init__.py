@@ -9,7 +9,7 @@
 `CutNMixParams` on the device. Back-ends (numba, triton, DALI) are imported lazily.
 """
 
-from pipeline.ops.cutnmix import CIFAR10_MEAN, CIFAR10_STD, IMPLS, CutNMix, cutnmix, resolve_impl
+from pipeline.ops.core import CIFAR10_MEAN, CIFAR10_STD, IMPLS, CutNMix, cutnmix, resolve_impl
 from pipeline.ops.params import MODES, CutNMixParams, draw_params, make_params
 
 __all__ = [

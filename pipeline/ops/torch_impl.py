@@ -13,7 +13,8 @@ arXiv 2206.12370 as formulated by this project), computed as ONE gather:
    and s = its partner; the box picks which of the two per pixel (int32 arithmetic).
 3. `index_select` whole 3-channel pixels into the [P,B,H,W,3] output (channels-last views).
 
-No host synchronisation and no data-dependent shape, so it runs unchanged on CUDA.
+No host synchronisation (no host-to-device copies, no data-dependent shapes), so it runs
+unchanged on CUDA.
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ def normalised_padded_source(
     `dtype` (three cheap passes instead of a chain of float ops; the values are the same).
     """
     dev = images.device
+    # built from Python scalars on the device: no host-to-device copy, so no synchronisation
     p = torch.arange(256, dtype=torch.float32, device=dev)
-    mean_t = torch.as_tensor(mean32, device=dev)[:, None]
-    inv_t = torch.as_tensor(inv_std32, device=dev)[:, None]
-    table = ((p - mean_t) * inv_t).to(dtype).reshape(-1)  # [3*256]: channel c at c*256 + p
+    table = torch.cat([((p - float(mean32[c])) * float(inv_std32[c])).to(dtype) for c in range(3)])
     padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad)) if pad else images
-    channel_base = torch.tensor([0, 256, 512], dtype=torch.int32, device=dev)
+    channel_base = torch.arange(0, 768, 256, dtype=torch.int32, device=dev)  # table row of channel c
     index = (padded.reshape(-1, 3) + channel_base).view(-1)  # uint8 + int32 -> int32
     return table.index_select(0, index).view(-1, 3)
 
