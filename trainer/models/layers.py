@@ -142,6 +142,8 @@ def init_conv_bn(module: nn.Module) -> None:
     grouped network from P single ones, which makes it equal to `loop` for the same seed).
     """
     for m in module.modules():
+        if getattr(m, "weight", None) is not None and m.weight.is_meta:
+            continue                    # a skeleton (trainer.peers fills it); meta normal_ is slow
         if isinstance(m, nn.Conv2d):
             peers = getattr(m, "peers", 1)
             fan_out = m.out_channels // peers * m.kernel_size[0] * m.kernel_size[1]
