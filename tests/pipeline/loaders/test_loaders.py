@@ -112,6 +112,8 @@ def test_shared_order_loaders_agree_with_each_other(prepared):
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("spec", SHARED)
 def test_shards_partition_the_epoch(spec, world, prepared):
+    if spec == "ffcv-shared" and world == 2:
+        pytest.skip("the TraversalOrder only serves EpochPlan.indices; world=3 covers it (FFCV builds are slow)")
     shards = []
     for rank in range(world):
         with build(spec, prepared, batch_size=B, seed=5, rank=rank, world=world) as loader:
@@ -162,8 +164,8 @@ def test_ffcv_native_order_shards_through_torch_distributed(prepared, monkeypatc
 @pytest.mark.parametrize("world", [1, 3])
 @pytest.mark.parametrize("spec", list(SPECS))
 def test_test_split_is_complete_and_in_order(spec, world, prepared):
-    if world == 3 and spec == "ffcv-shared":
-        pytest.skip("same TraversalOrder code path as world=1; ffcv loaders are slow to build")
+    if (spec, world) in (("ffcv-shared", 3), ("ffcv", 1)):
+        pytest.skip("same FFCV code path as the other world size; FFCV builds are slow")
     parts = []
     for rank in range(world):
         with build(spec, prepared, split="test", batch_size=B, rank=rank, world=world) as loader:
