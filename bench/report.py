@@ -62,6 +62,27 @@ def git_state(root: Path = REPO_ROOT) -> tuple[str | None, bool | None]:
         return None, None
 
 
+# environment variables that change CPU threading (and so the figures) when set
+THREADING_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
+                  "NUMBA_THREADING_LAYER", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _dist_version(dist: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _describe() -> dict:
     """pipeline.environment.describe() when that module exists and works, else {}."""
     try:
@@ -98,6 +119,9 @@ def environment(device: torch.device | str) -> dict:
         "cpu_model": cpu_model(),
         "cpu_count": cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # the machine's load when the run started: on a shared machine, figures taken under a
+        # load above the CPU count are slowed by contention and are not comparable
+        "load_average": _loadavg(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -105,6 +129,8 @@ def environment(device: torch.device | str) -> dict:
         "ffcv": version("ffcv"),
         "dali": version("nvidia.dali"),
         "triton": version("triton"),
+        "numba": _dist_version("numba"),
+        "threading_env": {k: os.environ[k] for k in THREADING_VARS if k in os.environ},
         "git_commit": commit,
         "git_dirty": dirty,
     }
@@ -187,6 +213,20 @@ def _fmt(x: float | None, spec: str = ",.0f", suffix: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
+def _warmup(doc: dict):
+    done = [r.get("warmup_steps") for r in doc["results"] if r.get("available")]
+    return done[0] if done else doc["config"].get("warmup")
+
+
+def _load_note(env: dict) -> str:
+    """A warning in the caption when the machine was busier than its CPU count at the start."""
+    load, cpus = env.get("load_average"), env.get("cpu_count")
+    if not load or not cpus:
+        return ""
+    note = f" Load average at start {load[0]:.1f} on {cpus} CPUs"
+    return note + (" (busy machine: contention slows every row)." if load[0] > cpus else ".")
+
+
 def _plain(text) -> str:
     """Cell text shown literally by rich (no markup: "cnm[ffcv]" must stay as it is)."""
     from rich.markup import escape
@@ -204,7 +244,7 @@ def augment_table(doc: dict):
                f"count as one image. Median (min-max) of {cfg['repeats']} timed repeats after "
                f"{cfg['warmup']} warm-up batches; x cpu = median / cpu median of this run. "
                f"Batch {cfg['batch_size']}, mode {cfg['mode']}, {cfg['dtype_resolved']} views, "
-               f"{cfg.get('data_images')} images ({cfg['data']}).")
+               f"{cfg.get('data_images')} images ({cfg['data']}).{_load_note(env)}")
     table = Table(title=_plain(f"cnm bench — augmentation pipelines ({env.get('cpu_count')} CPUs, "
                                f"commit {str(env.get('git_commit'))[:10]})"), caption=_plain(caption),
                   caption_justify="left")
@@ -243,7 +283,7 @@ def train_table(doc: dict):
     caption = (f"{cfg['arch']} x {cfg['peers']} peers, batch {cfg['batch_size']} (each sample "
                f"with its {cfg['peers']} views counts as one image); a step = augment + forward + "
                f"backward + optimiser + EMA. Median (min-max) of {cfg['repeats']} repeats after "
-               f"{cfg['warmup']} warm-up steps; x eager = median / eager-fp32 median.")
+               f"{_warmup(doc)} warm-up steps; x eager = median / eager-fp32 median.{_load_note(env)}")
     table = Table(title=_plain(f"cnm bench train — {env['device']} ({env.get('device_name')}), "
                                f"commit {str(env.get('git_commit'))[:10]}"), caption=_plain(caption),
                   caption_justify="left")

@@ -86,7 +86,7 @@ class TrainBenchConfig:
     repeats: int = 5
     steps: int | None = None       # steps per timed region; None: size regions by `seconds`
     seconds: float = 1.0
-    warmup: int = 5                # untimed steps first (CUDA-graph capture happens here)
+    warmup: int | None = None      # untimed steps first; None: 5 on CUDA (graph capture), 1 on CPU
     seed: int = 0
 
     def validate(self) -> None:
@@ -98,7 +98,7 @@ class TrainBenchConfig:
         for name in ("peers", "batch_size", "repeats", "num_classes"):
             if getattr(self, name) < 1:
                 raise CnmError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.warmup < 0:
+        if self.warmup is not None and self.warmup < 0:
             raise CnmError("--warmup must be >= 0")
         if self.steps is not None and self.steps < 1:
             raise CnmError("--steps must be >= 1")
@@ -151,8 +151,9 @@ def run_variant(variant: Variant, factory: StepFactory, cfg: TrainBenchConfig, d
                 workload = factory(cfg, variant, device)
             except (Unavailable, CnmError, ImportError) as e:
                 return _not_applicable(variant, _one_line(e))
+            warmup = cfg.warmup if cfg.warmup is not None else (5 if device.type == "cuda" else 1)
             t0 = clock()
-            for _ in range(cfg.warmup):
+            for _ in range(warmup):
                 workload.step()
             sync()
             warm = clock() - t0
@@ -187,7 +188,7 @@ def run_variant(variant: Variant, factory: StepFactory, cfg: TrainBenchConfig, d
         "steps_per_repeat": steps,
         "images_per_repeat": timings.items,
         "seconds_per_repeat": [round(s, 6) for s in timings.seconds],
-        "warmup_steps": cfg.warmup,
+        "warmup_steps": warmup,
         "warmup_seconds": round(warm, 6),
     }
 

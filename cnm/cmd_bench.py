@@ -141,8 +141,8 @@ def bench(ctx, data, synthetic_images, device, peers, batch_size, mode, dtype, p
 @click.option("--steps", default=None, type=int, help="train steps per timed region")
 @click.option("--seconds", default=1.0, show_default=True, type=float,
               help="without --steps: size each timed region to last about this long")
-@click.option("--warmup", default=5, show_default=True, type=int,
-              help="untimed steps first (CUDA-graph capture happens here)")
+@click.option("--warmup", default=None, type=int,
+              help="untimed steps first (default 5 on CUDA, where the graph is captured; 1 on CPU)")
 @click.option("--seed", default=0, show_default=True, type=int)
 @_output_options
 def train(arch, peers, batch_size, device, num_classes, mix, variants, repeats, steps, seconds, warmup,
