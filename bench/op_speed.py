@@ -145,8 +145,18 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-batches", default="512,1024,2048,4096,8192")
     ap.add_argument("--cuda-repeats", type=int, default=50)
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU section")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch and numba (default: their own defaults)")
     ap.add_argument("--json", default=None, help="also write the results as JSON to this path")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        try:
+            import numba
+
+            numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+        except Exception:
+            pass
 
     info = dict(python=platform.python_version(), torch=torch.__version__, cpu=platform.processor() or platform.machine(),
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())

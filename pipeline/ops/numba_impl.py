@@ -17,12 +17,17 @@ pure-torch path (`pipeline.ops.torch_impl`) is used instead. Samples run in para
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
 from pipeline.ops.params import BOX_MODES, CutNMixParams
 
 _kernels = None
+# numba's fallback "workqueue" threading layer aborts the process when two Python threads enter
+# parallel code at once (tbb and omp do not); calls are serialised, which costs nothing here.
+_lock = threading.Lock()
 
 
 def available() -> bool:
@@ -69,8 +74,9 @@ def numba_cutnmix_views(
     perm = params.perm.numpy()
     if params.mode == "mixup":
         out = torch.empty((P, b, h, w, 3), dtype=torch.float32)
-        blend_kernel(imgs, lut(mean32, inv_std32, torch.float32).numpy(), oy, ox, fl, perm,
-                     params.lam.numpy(), params.pad, out.numpy())
+        with _lock:
+            blend_kernel(imgs, lut(mean32, inv_std32, torch.float32).numpy(), oy, ox, fl, perm,
+                         params.lam.numpy(), params.pad, out.numpy())
         out = out.to(out_dtype)
     else:
         out = torch.empty((P, b, h, w, 3), dtype=out_dtype)
@@ -80,5 +86,6 @@ def numba_cutnmix_views(
         else:
             bh = bw = np.zeros(b, dtype=np.int64)
             by = bx = np.zeros((P, b), dtype=np.int64)
-        box_kernel(imgs, table, oy, ox, fl, perm, bh, bw, by, bx, params.pad, _int_view(out))
+        with _lock:
+            box_kernel(imgs, table, oy, ox, fl, perm, bh, bw, by, bx, params.pad, _int_view(out))
     return out.permute(0, 1, 4, 2, 3)

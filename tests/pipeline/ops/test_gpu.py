@@ -79,3 +79,20 @@ def test_same_cuda_seed_same_views(cuda_device):
     a = aug(imgs, labels, generator=torch.Generator(device=cuda_device).manual_seed(7))[0]
     b = aug(imgs, labels, generator=torch.Generator(device=cuda_device).manual_seed(7))[0]
     assert torch.equal(a, b)
+
+
+def test_torch_path_on_cuda_never_syncs(cuda_device):
+    aug = CutNMix(peers=3, out_dtype=torch.bfloat16, impl="torch")
+    imgs = images(128, 32, 32, device=cuda_device)
+    labels = torch.arange(128, device=cuda_device)
+    g = torch.Generator(device=cuda_device).manual_seed(0)
+    for mode in MODES:
+        aug.mode = mode
+        aug(imgs, labels, generator=g)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            views = aug(imgs, labels, generator=g)[0]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert views.device == imgs.device
