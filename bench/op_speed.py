@@ -81,25 +81,47 @@ def cpu_rows(batch: int, peers: int, dtypes: list[str], repeats: int, warmup: in
             return base.collate(views, labels.numpy(), rng)
 
         cases = [
-            ("numpy per-sample (given params)", lambda: numpy_cutnmix(imgs, labels, params, mean=MEAN, std=STD, out_dtype=dt)),
+            (
+                "numpy per-sample (given params)",
+                lambda: numpy_cutnmix(imgs, labels, params, mean=MEAN, std=STD, out_dtype=dt),
+            ),
             ("numpy sample()+collate() (cpu loader)", loader_baseline),
-            ("torch vectorised", lambda: cutnmix(imgs, labels, params, mean=MEAN, std=STD, out_dtype=dt, impl="torch")),
+            (
+                "torch vectorised",
+                lambda: cutnmix(imgs, labels, params, mean=MEAN, std=STD, out_dtype=dt, impl="torch"),
+            ),
         ]
         if fast == "numba":
-            cases.append(("numba kernel (auto on CPU)",
-                          lambda: cutnmix(imgs, labels, params, mean=MEAN, std=STD, out_dtype=dt, impl="numba")))
+            cases.append(
+                (
+                    "numba kernel (auto on CPU)",
+                    lambda: cutnmix(imgs, labels, params, mean=MEAN, std=STD, out_dtype=dt, impl="numba"),
+                )
+            )
         cases.append((f"CutNMix() draw+apply ({fast})", lambda: aug(imgs, labels, generator=g)))
         baseline_s = None
         for label, fn in cases:
             s = cpu_time(fn, repeats, warmup)
             if baseline_s is None:
                 baseline_s = s
-            rows.append(dict(device="cpu", impl=label, dtype=name, batch=batch, peers=peers, ms=s * 1e3,
-                             samples_per_s=batch / s, speedup_vs_numpy=baseline_s / s))
+            rows.append(
+                dict(
+                    device="cpu",
+                    impl=label,
+                    dtype=name,
+                    batch=batch,
+                    peers=peers,
+                    ms=s * 1e3,
+                    samples_per_s=batch / s,
+                    speedup_vs_numpy=baseline_s / s,
+                )
+            )
     return rows
 
 
-def cuda_rows(batches: list[int], peers: int, repeats: int, warmup: int, mode: str) -> tuple[list[dict], dict]:
+def cuda_rows(
+    batches: list[int], peers: int, repeats: int, warmup: int, mode: str
+) -> tuple[list[dict], dict]:
     from bench.peaks import lookup
 
     dev = torch.device("cuda")
@@ -115,23 +137,53 @@ def cuda_rows(batches: list[int], peers: int, repeats: int, warmup: int, mode: s
         params = draw_params(b, peers, 32, 32, mode=mode, generator=g, device=dev)
         impls = [impl] + (["torch"] if b == max(batches) and impl != "torch" else [])
         for which in impls:
-            s = cuda_time(lambda: cutnmix(imgs, labels, params, mean=MEAN, std=STD, out_dtype=torch.bfloat16,
-                                          impl=which), repeats, warmup)
+            s = cuda_time(
+                lambda: cutnmix(
+                    imgs, labels, params, mean=MEAN, std=STD, out_dtype=torch.bfloat16, impl=which
+                ),
+                repeats,
+                warmup,
+            )
             moved = b * 32 * 32 * 3 * (1 + peers * 2)  # uint8 in + P bf16 views out
             gbps = moved / s / 1e9
-            rows.append(dict(device=name, impl=which, dtype="bf16", batch=b, peers=peers, ms=s * 1e3,
-                             samples_per_s=b / s, gbps=gbps,
-                             pct_peak=(100 * gbps / peak_gbps) if peak_gbps else None))
+            rows.append(
+                dict(
+                    device=name,
+                    impl=which,
+                    dtype="bf16",
+                    batch=b,
+                    peers=peers,
+                    ms=s * 1e3,
+                    samples_per_s=b / s,
+                    gbps=gbps,
+                    pct_peak=(100 * gbps / peak_gbps) if peak_gbps else None,
+                )
+            )
         aug = CutNMix(peers=peers, mode=mode, out_dtype=torch.bfloat16)
         s = cuda_time(lambda: aug(imgs, labels, generator=g), repeats, warmup)
-        rows.append(dict(device=name, impl=f"CutNMix() draw+apply ({impl})", dtype="bf16", batch=b, peers=peers,
-                         ms=s * 1e3, samples_per_s=b / s, gbps=None, pct_peak=None))
+        rows.append(
+            dict(
+                device=name,
+                impl=f"CutNMix() draw+apply ({impl})",
+                dtype="bf16",
+                batch=b,
+                peers=peers,
+                ms=s * 1e3,
+                samples_per_s=b / s,
+                gbps=None,
+                pct_peak=None,
+            )
+        )
     big = [r for r in rows if r["batch"] == max(batches) and r["impl"] in (impl, "torch")]
     ratio = None
     if len(big) == 2:
         ratio = big[1]["ms"] / big[0]["ms"]
-    return rows, dict(device=name, peak_gbps=peak_gbps, peak_label=peak[1] if peak else None,
-                      triton_over_torch_at_max_batch=ratio)
+    return rows, dict(
+        device=name,
+        peak_gbps=peak_gbps,
+        peak_label=peak[1] if peak else None,
+        triton_over_torch_at_max_batch=ratio,
+    )
 
 
 def main(argv=None) -> int:
@@ -145,8 +197,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-batches", default="512,1024,2048,4096,8192")
     ap.add_argument("--cuda-repeats", type=int, default=50)
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU section")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for torch and numba (default: their own defaults)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch and numba (default: their own defaults)",
+    )
     ap.add_argument("--json", default=None, help="also write the results as JSON to this path")
     args = ap.parse_args(argv)
     if args.threads:
@@ -158,8 +214,13 @@ def main(argv=None) -> int:
         except Exception:
             pass
 
-    info = dict(python=platform.python_version(), torch=torch.__version__, cpu=platform.processor() or platform.machine(),
-                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
+    info = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cpu=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+    )
     try:
         import numba
 
@@ -176,15 +237,25 @@ def main(argv=None) -> int:
         print(f"\nCPU, B={args.batch}, P={args.peers}, mode={args.mode}, median of {args.repeats}")
         print(f"{'implementation':42s} {'dtype':5s} {'ms/batch':>9s} {'samples/s':>11s} {'vs numpy':>9s}")
         for r in rows:
-            print(f"{r['impl']:42s} {r['dtype']:5s} {r['ms']:9.2f} {r['samples_per_s']:11,.0f} {r['speedup_vs_numpy']:8.1f}x")
+            rate, gain = r["samples_per_s"], r["speedup_vs_numpy"]
+            print(f"{r['impl']:42s} {r['dtype']:5s} {r['ms']:9.2f} {rate:11,.0f} {gain:8.1f}x")
 
     if torch.cuda.is_available():
         batches = [int(b) for b in args.cuda_batches.split(",")]
         rows, summary = cuda_rows(batches, args.peers, args.cuda_repeats, 5, args.mode)
         results["cuda"], results["cuda_summary"] = rows, summary
-        peak = f"{summary['peak_gbps']:.0f} GB/s ({summary['peak_label']})" if summary["peak_gbps"] else "unknown"
-        print(f"\nCUDA {summary['device']}, peak {peak}, P={args.peers}, bf16, CUDA events, median of {args.cuda_repeats}")
-        print(f"{'implementation':34s} {'batch':>6s} {'ms':>8s} {'samples/s':>13s} {'GB/s':>8s} {'% peak':>7s}")
+        peak = (
+            f"{summary['peak_gbps']:.0f} GB/s ({summary['peak_label']})"
+            if summary["peak_gbps"]
+            else "unknown"
+        )
+        print(
+            f"\nCUDA {summary['device']}, peak {peak}, P={args.peers}, bf16, CUDA events, "
+            f"median of {args.cuda_repeats}"
+        )
+        print(
+            f"{'implementation':34s} {'batch':>6s} {'ms':>8s} {'samples/s':>13s} {'GB/s':>8s} {'% peak':>7s}"
+        )
         for r in rows:
             gb = f"{r['gbps']:8.0f}" if r["gbps"] else f"{'':8s}"
             pct = f"{r['pct_peak']:6.1f}%" if r["pct_peak"] else f"{'':7s}"

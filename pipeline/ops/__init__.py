@@ -13,6 +13,14 @@ from pipeline.ops.core import CIFAR10_MEAN, CIFAR10_STD, IMPLS, CutNMix, cutnmix
 from pipeline.ops.params import MODES, CutNMixParams, draw_params, make_params
 
 __all__ = [
-    "CutNMix", "cutnmix", "draw_params", "make_params", "CutNMixParams", "MODES", "IMPLS",
-    "CIFAR10_MEAN", "CIFAR10_STD", "resolve_impl",
+    "CutNMix",
+    "cutnmix",
+    "draw_params",
+    "make_params",
+    "CutNMixParams",
+    "MODES",
+    "IMPLS",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "resolve_impl",
 ]

@@ -37,6 +37,7 @@ def _segment(out, k, i, y, x0, x1, imgs, s, lut, oy, ox, fl, pad):
                 for c in range(3):
                     out[k, i, y, x, c] = lut[c, imgs[s, sy, sx, c]]
 
+
 @njit(parallel=True, cache=True)
 def box_kernel(imgs, lut, oy, ox, fl, perm, box_h, box_w, box_y, box_x, pad, out):
     P, B, H, W = out.shape[0], out.shape[1], out.shape[2], out.shape[3]
@@ -53,6 +54,7 @@ def box_kernel(imgs, lut, oy, ox, fl, perm, box_h, box_w, box_y, box_x, pad, out
                 else:
                     _segment(out, k, i, y, 0, W, imgs, i, lut, oy, ox, fl, pad)
 
+
 @njit(inline="always")
 def _base_pixel(imgs, s, y, x, oy, ox, flip, pad, c):
     h, w = imgs.shape[1], imgs.shape[2]
@@ -62,6 +64,7 @@ def _base_pixel(imgs, s, y, x, oy, ox, flip, pad, c):
     if 0 <= sy < h and 0 <= sx < w:
         return imgs[s, sy, sx, c]
     return 0
+
 
 @njit(parallel=True, cache=True)
 def blend_kernel(imgs, lut32, oy, ox, fl, perm, lam, pad, out):

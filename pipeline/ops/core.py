@@ -90,7 +90,11 @@ def cutnmix(
     dtype = resolve_dtype(out_dtype)
     mean32, inv_std32 = norm_constants(mean, std)
     if not isinstance(labels, torch.Tensor) or labels.shape != (b,) or labels.is_floating_point():
-        got = f"{labels.dtype} {list(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        got = (
+            f"{labels.dtype} {list(labels.shape)}"
+            if isinstance(labels, torch.Tensor)
+            else type(labels).__name__
+        )
         raise CnmError(f"labels must be an integer tensor [B] = [{b}], got {got}")
     check_params(params, b, images.device)
     which = resolve_impl(impl, images.device)
@@ -155,18 +159,34 @@ class CutNMix:
             f"pad={self.pad}, flip={self.flip}, out_dtype={self.out_dtype}, impl={self.impl!r})"
         )
 
-    def draw(self, batch: int, device=None, generator: torch.Generator | None = None,
-             height: int = 32, width: int = 32) -> CutNMixParams:
+    def draw(
+        self,
+        batch: int,
+        device=None,
+        generator: torch.Generator | None = None,
+        height: int = 32,
+        width: int = 32,
+    ) -> CutNMixParams:
         """This batch's random parameters, drawn on `device` from `generator` (no host sync)."""
         return draw_params(
-            batch, self.peers, height, width, mode=self.mode, alpha=self.alpha, mix_prob=self.mix_prob,
-            pad=self.pad, flip=self.flip, device=device, generator=generator,
+            batch,
+            self.peers,
+            height,
+            width,
+            mode=self.mode,
+            alpha=self.alpha,
+            mix_prob=self.mix_prob,
+            pad=self.pad,
+            flip=self.flip,
+            device=device,
+            generator=generator,
         )
 
     def apply(self, images: torch.Tensor, labels: torch.Tensor, params: CutNMixParams):
         """`cutnmix` with this object's mean/std/out_dtype/impl and the given params."""
-        return cutnmix(images, labels, params, mean=self.mean, std=self.std, out_dtype=self.out_dtype,
-                       impl=self.impl)
+        return cutnmix(
+            images, labels, params, mean=self.mean, std=self.std, out_dtype=self.out_dtype, impl=self.impl
+        )
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
         b, h, w = check_images(images)

@@ -39,7 +39,14 @@ import numpy as np
 import torch
 
 from pipeline import backends
-from pipeline.ops.params import BOX_MODES, CutNMixParams, check_images, check_mode, norm_constants, resolve_dtype
+from pipeline.ops.params import (
+    BOX_MODES,
+    CutNMixParams,
+    check_images,
+    check_mode,
+    norm_constants,
+    resolve_dtype,
+)
 
 # per-sample arrays fed through external_source (one batch = a list of B arrays each):
 PARAM_NAMES = (
@@ -136,14 +143,25 @@ def cutnmix_graph(
 
     views = []
     for k in range(peers):
-        crop = fn.slice(images, start=nodes["crop_anchor"][k], shape=[height, width], axis_names="HW",
-                        out_of_bounds_policy="pad", fill_values=0)
+        crop = fn.slice(
+            images,
+            start=nodes["crop_anchor"][k],
+            shape=[height, width],
+            axis_names="HW",
+            out_of_bounds_policy="pad",
+            fill_values=0,
+        )
         base = fn.flip(crop, horizontal=nodes["flip"][k])
         if mode in BOX_MODES:
             anchors = nodes["paste_anchors"][k]
-            mixed = fn.multi_paste(base, in_ids=nodes["paste_ids"], in_anchors=anchors,
-                                   out_anchors=anchors, shapes=nodes["paste_shapes"],
-                                   output_size=[height, width])
+            mixed = fn.multi_paste(
+                base,
+                in_ids=nodes["paste_ids"],
+                in_anchors=anchors,
+                out_anchors=anchors,
+                shapes=nodes["paste_shapes"],
+                output_size=[height, width],
+            )
             views.append(norm(mixed))
         elif mode == "mixup":
             partner = fn.multi_paste(base, in_ids=nodes["partner"], output_size=[height, width])
@@ -189,8 +207,18 @@ def run_dali_graph(
     def pipe():
         images_node = dali.fn.external_source(source=lambda: image_batch, batch=True, layout="HWC")
         nodes = param_sources(params.mode, lambda: batches)
-        return tuple(cutnmix_graph(images_node, nodes, peers=params.peers, mode=params.mode,
-                                   height=h, width=w, mean=mean, std=std))
+        return tuple(
+            cutnmix_graph(
+                images_node,
+                nodes,
+                peers=params.peers,
+                mode=params.mode,
+                height=h,
+                width=w,
+                mean=mean,
+                std=std,
+            )
+        )
 
     p = pipe()
     p.build()

@@ -75,14 +75,28 @@ def numba_cutnmix_views(
     if params.mode == "mixup":
         out = torch.empty((P, b, h, w, 3), dtype=torch.float32)
         with _lock:
-            blend_kernel(imgs, lut(mean32, inv_std32, torch.float32).numpy(), oy, ox, fl, perm,
-                         params.lam.numpy(), params.pad, out.numpy())
+            blend_kernel(
+                imgs,
+                lut(mean32, inv_std32, torch.float32).numpy(),
+                oy,
+                ox,
+                fl,
+                perm,
+                params.lam.numpy(),
+                params.pad,
+                out.numpy(),
+            )
         out = out.to(out_dtype)
     else:
         out = torch.empty((P, b, h, w, 3), dtype=out_dtype)
         table = _int_view(lut(mean32, inv_std32, out_dtype))
         if params.mode in BOX_MODES:
-            bh, bw, by, bx = params.box_h.numpy(), params.box_w.numpy(), params.box_y.numpy(), params.box_x.numpy()
+            bh, bw, by, bx = (
+                params.box_h.numpy(),
+                params.box_w.numpy(),
+                params.box_y.numpy(),
+                params.box_x.numpy(),
+            )
         else:
             bh = bw = np.zeros(b, dtype=np.int64)
             by = bx = np.zeros((P, b), dtype=np.int64)

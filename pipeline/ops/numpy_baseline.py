@@ -124,8 +124,16 @@ def numpy_cutnmix(
         ]
     )
     views = mix_normalise_np(
-        base, mode=d["mode"], perm=d["perm"], lam=d["lam"], box_h=d["box_h"], box_w=d["box_w"],
-        box_y=d["box_y"], box_x=d["box_x"], mean32=mean32, inv_std32=inv_std32,
+        base,
+        mode=d["mode"],
+        perm=d["perm"],
+        lam=d["lam"],
+        box_h=d["box_h"],
+        box_w=d["box_w"],
+        box_y=d["box_y"],
+        box_x=d["box_x"],
+        mean32=mean32,
+        inv_std32=inv_std32,
         out_dtype=resolve_dtype(out_dtype),
     )
     y_a = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)).long()
@@ -155,8 +163,17 @@ class NumpyCutNMix:
             if kwargs:
                 raise TypeError("give either a CutNMix or keyword arguments, not both")
             kwargs = {k: getattr(aug, k) for k in _KWARGS}
-        cfg = dict(peers=3, mode="cutnmix", alpha=1.0, mix_prob=0.5, pad=4, flip=True,
-                   mean=(125.3, 123.0, 113.9), std=(63.0, 62.1, 66.7), out_dtype=torch.float32)
+        cfg = dict(
+            peers=3,
+            mode="cutnmix",
+            alpha=1.0,
+            mix_prob=0.5,
+            pad=4,
+            flip=True,
+            mean=(125.3, 123.0, 113.9),
+            std=(63.0, 62.1, 66.7),
+            out_dtype=torch.float32,
+        )
         unknown = set(kwargs) - set(cfg)
         if unknown:
             raise TypeError(f"unknown arguments: {sorted(unknown)}")
@@ -172,8 +189,10 @@ class NumpyCutNMix:
         return cls(aug)
 
     def __repr__(self) -> str:
-        return (f"NumpyCutNMix(peers={self.peers}, mode={self.mode!r}, alpha={self.alpha}, "
-                f"mix_prob={self.mix_prob}, pad={self.pad}, flip={self.flip})")
+        return (
+            f"NumpyCutNMix(peers={self.peers}, mode={self.mode!r}, alpha={self.alpha}, "
+            f"mix_prob={self.mix_prob}, pad={self.pad}, flip={self.flip})"
+        )
 
     def sample(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """uint8 [H,W,3] -> uint8 [P,H,W,3]: this sample's base view for every peer."""
@@ -203,14 +222,21 @@ class NumpyCutNMix:
             ux = np.broadcast_to(rng.random((n_pos, b)), (p, b))
             box_y = np.minimum(np.floor(uy * (height - box_h + 1)), height - box_h).astype(np.int64)
             box_x = np.minimum(np.floor(ux * (width - box_w + 1)), width - box_w).astype(np.int64)
-            lam = (np.float32(1.0) - (box_h * box_w).astype(np.float32) / np.float32(height * width))
+            lam = np.float32(1.0) - (box_h * box_w).astype(np.float32) / np.float32(height * width)
         elif self.mode == "mixup":
             lam = np.where(mixed, beta, np.float32(1.0)).astype(np.float32)
         else:
             perm = np.arange(b)
             mixed = np.zeros(b, dtype=bool)
-        return dict(perm=perm, mixed=mixed, lam=lam.astype(np.float32), box_h=box_h, box_w=box_w,
-                    box_y=box_y, box_x=box_x)
+        return dict(
+            perm=perm,
+            mixed=mixed,
+            lam=lam.astype(np.float32),
+            box_h=box_h,
+            box_w=box_w,
+            box_y=box_y,
+            box_x=box_x,
+        )
 
     def collate(self, base_views, labels, rng: np.random.Generator):
         """uint8 [B,P,H,W,3] base views + labels [B] -> (views, y_a, y_b, lam), see the class doc."""
@@ -220,8 +246,16 @@ class NumpyCutNMix:
             raise ValueError(f"expected base views of {self.peers} peers, got {p}")
         d = self.draw_batch(b, h, w, rng)
         views = mix_normalise_np(
-            base, mode=self.mode, perm=d["perm"], lam=d["lam"], box_h=d["box_h"], box_w=d["box_w"],
-            box_y=d["box_y"], box_x=d["box_x"], mean32=self.mean32, inv_std32=self.inv_std32,
+            base,
+            mode=self.mode,
+            perm=d["perm"],
+            lam=d["lam"],
+            box_h=d["box_h"],
+            box_w=d["box_w"],
+            box_y=d["box_y"],
+            box_x=d["box_x"],
+            mean32=self.mean32,
+            inv_std32=self.inv_std32,
             out_dtype=self.out_dtype,
         )
         y_a = torch.as_tensor(np.asarray(labels)).long()

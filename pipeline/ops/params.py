@@ -51,7 +51,16 @@ OUT_DTYPES = {
     "bf16": torch.bfloat16,
 }
 TENSOR_FIELDS = (
-    "offset_y", "offset_x", "flip", "perm", "mixed", "lam", "box_h", "box_w", "box_y", "box_x",
+    "offset_y",
+    "offset_x",
+    "flip",
+    "perm",
+    "mixed",
+    "lam",
+    "box_h",
+    "box_w",
+    "box_y",
+    "box_x",
 )
 
 
@@ -198,11 +207,16 @@ def check_params(params: CutNMixParams, batch: int, device: torch.device) -> Non
     check_mode(params.mode)
     p = params.offset_y.shape[0] if params.offset_y.dim() == 2 else -1
     want = {
-        "offset_y": ((p, batch), torch.int64), "offset_x": ((p, batch), torch.int64),
-        "flip": ((p, batch), torch.bool), "perm": ((batch,), torch.int64),
-        "mixed": ((batch,), torch.bool), "lam": ((batch,), torch.float32),
-        "box_h": ((batch,), torch.int64), "box_w": ((batch,), torch.int64),
-        "box_y": ((p, batch), torch.int64), "box_x": ((p, batch), torch.int64),
+        "offset_y": ((p, batch), torch.int64),
+        "offset_x": ((p, batch), torch.int64),
+        "flip": ((p, batch), torch.bool),
+        "perm": ((batch,), torch.int64),
+        "mixed": ((batch,), torch.bool),
+        "lam": ((batch,), torch.float32),
+        "box_h": ((batch,), torch.int64),
+        "box_w": ((batch,), torch.int64),
+        "box_y": ((p, batch), torch.int64),
+        "box_x": ((p, batch), torch.int64),
     }
     if p < 1:
         raise CnmError(f"params.offset_y must be [P,B] with P >= 1, got {list(params.offset_y.shape)}")
@@ -319,9 +333,18 @@ def draw_params(
             mixed = torch.zeros_like(mixed)
             lam = torch.ones(B, dtype=torch.float32, device=device)
     return CutNMixParams(
-        mode=mode, pad=int(pad), offset_y=offset_y, offset_x=offset_x, flip=flips, perm=perm,
-        mixed=mixed, lam=lam.to(torch.float32), box_h=box_h, box_w=box_w,
-        box_y=box_y.contiguous(), box_x=box_x.contiguous(),
+        mode=mode,
+        pad=int(pad),
+        offset_y=offset_y,
+        offset_x=offset_x,
+        flip=flips,
+        perm=perm,
+        mixed=mixed,
+        lam=lam.to(torch.float32),
+        box_h=box_h,
+        box_w=box_w,
+        box_y=box_y.contiguous(),
+        box_x=box_x.contiguous(),
     )
 
 
@@ -333,8 +356,16 @@ def make_params(
     pad: int = 0,
     height: int = 32,
     width: int = 32,
-    offset_y=None, offset_x=None, flip=None, perm=None, mixed=None, lam=None,
-    box_h=None, box_w=None, box_y=None, box_x=None,
+    offset_y=None,
+    offset_x=None,
+    flip=None,
+    perm=None,
+    mixed=None,
+    lam=None,
+    box_h=None,
+    box_w=None,
+    box_y=None,
+    box_x=None,
     device="cpu",
 ) -> CutNMixParams:
     """Hand-built parameters (tests, edge cases): anything left out is neutral (no shift, no
@@ -358,10 +389,18 @@ def make_params(
         lam_t = t(lam, (B,), torch.float32, 1.0)
     perm_t = torch.arange(B, device=device) if perm is None else t(perm, (B,), torch.int64, 0)
     return CutNMixParams(
-        mode=check_mode(mode), pad=pad,
-        offset_y=t(offset_y, (P, B), torch.int64, pad), offset_x=t(offset_x, (P, B), torch.int64, pad),
-        flip=t(flip, (P, B), torch.bool, False), perm=perm_t, mixed=mixed_t, lam=lam_t,
-        box_h=bh, box_w=bw, box_y=t(box_y, (P, B), torch.int64, 0), box_x=t(box_x, (P, B), torch.int64, 0),
+        mode=check_mode(mode),
+        pad=pad,
+        offset_y=t(offset_y, (P, B), torch.int64, pad),
+        offset_x=t(offset_x, (P, B), torch.int64, pad),
+        flip=t(flip, (P, B), torch.bool, False),
+        perm=perm_t,
+        mixed=mixed_t,
+        lam=lam_t,
+        box_h=bh,
+        box_w=bw,
+        box_y=t(box_y, (P, B), torch.int64, 0),
+        box_x=t(box_x, (P, B), torch.int64, 0),
     )
 
 

@@ -65,17 +65,21 @@ def reference_cutnmix(
             lam = np.float32(d["lam"][i])
             for y in range(h):
                 for x in range(w):
-                    own = base_pixel(imgs, i, y, x, d["offset_y"][k, i], d["offset_x"][k, i],
-                                     d["flip"][k, i], params.pad)
-                    other = base_pixel(imgs, j, y, x, d["offset_y"][k, j], d["offset_x"][k, j],
-                                       d["flip"][k, j], params.pad)
+                    own = base_pixel(
+                        imgs, i, y, x, d["offset_y"][k, i], d["offset_x"][k, i], d["flip"][k, i], params.pad
+                    )
+                    other = base_pixel(
+                        imgs, j, y, x, d["offset_y"][k, j], d["offset_x"][k, j], d["flip"][k, j], params.pad
+                    )
                     if params.mode in BOX_MODES:
                         in_box = by <= y < by + bh and bx <= x < bx + bw
                         val = norm(other if in_box else own)
                     elif params.mode == "mixup":
                         na, nb = norm(own), norm(other)
-                        val = [np.float32(lam * na[c]) + np.float32((np.float32(1) - lam) * nb[c])
-                               for c in range(3)]
+                        val = [
+                            np.float32(lam * na[c]) + np.float32((np.float32(1) - lam) * nb[c])
+                            for c in range(3)
+                        ]
                     else:
                         val = norm(own)
                     out[k, i, y, x] = val

@@ -37,15 +37,30 @@ BLOCK = 1024  # elements per chunk (8 per thread with 4 warps)
 def _cutnmix_kernel(
     img_ptr,  # uint8 [B,H,W,3] contiguous
     out_ptr,  # out dtype [P,B,H,W,3] contiguous
-    oy_ptr, ox_ptr, flip_ptr,  # int64, int64, bool [P,B]
+    oy_ptr,
+    ox_ptr,
+    flip_ptr,  # int64, int64, bool [P,B]
     perm_ptr,  # int64 [B]
-    bh_ptr, bw_ptr,  # int64 [B]
-    by_ptr, bx_ptr,  # int64 [P,B]
+    bh_ptr,
+    bw_ptr,  # int64 [B]
+    by_ptr,
+    bx_ptr,  # int64 [P,B]
     lam_ptr,  # float32 [B]
-    B, pad,
-    mean0, mean1, mean2, inv0, inv1, inv2,  # float32 normalisation constants
-    P: tl.constexpr, H: tl.constexpr, W: tl.constexpr, N: tl.constexpr,  # N = H*W*3
-    BLOCK: tl.constexpr, BOX: tl.constexpr, BLEND: tl.constexpr,
+    B,
+    pad,
+    mean0,
+    mean1,
+    mean2,
+    inv0,
+    inv1,
+    inv2,  # float32 normalisation constants
+    P: tl.constexpr,
+    H: tl.constexpr,
+    W: tl.constexpr,
+    N: tl.constexpr,  # N = H*W*3
+    BLOCK: tl.constexpr,
+    BOX: tl.constexpr,
+    BLEND: tl.constexpr,
     WIDE: tl.constexpr,  # 64-bit offsets (only for batches of more than 2**31 output values)
 ):
     i = tl.program_id(0)  # this program's sample
@@ -134,15 +149,35 @@ def triton_cutnmix_views(
     s = [float(v) for v in inv_std32]
     n = h * w * 3
     _cutnmix_kernel[(b,)](
-        images.contiguous(), out,
+        images.contiguous(),
+        out,
         # the params are tiny and already contiguous: pass them as they are (no extra kernels)
-        params.offset_y.contiguous(), params.offset_x.contiguous(), params.flip.contiguous(),
-        params.perm, params.box_h, params.box_w, params.box_y.contiguous(), params.box_x.contiguous(),
+        params.offset_y.contiguous(),
+        params.offset_x.contiguous(),
+        params.flip.contiguous(),
+        params.perm,
+        params.box_h,
+        params.box_w,
+        params.box_y.contiguous(),
+        params.box_x.contiguous(),
         params.lam,
-        b, params.pad, m[0], m[1], m[2], s[0], s[1], s[2],
-        P=P, H=h, W=w, N=n, BLOCK=BLOCK,
-        BOX=params.mode in BOX_MODES, BLEND=params.mode == "mixup",
+        b,
+        params.pad,
+        m[0],
+        m[1],
+        m[2],
+        s[0],
+        s[1],
+        s[2],
+        P=P,
+        H=h,
+        W=w,
+        N=n,
+        BLOCK=BLOCK,
+        BOX=params.mode in BOX_MODES,
+        BLEND=params.mode == "mixup",
         WIDE=bool(wide) if wide is not None else out.numel() >= 2**31 - BLOCK,
-        num_warps=4, enable_fp_fusion=False,  # no FMA: the mixup blend must round like torch
+        num_warps=4,
+        enable_fp_fusion=False,  # no FMA: the mixup blend must round like torch
     )
     return out.permute(0, 1, 4, 2, 3)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -52,7 +51,9 @@ def assert_views_equal(actual: torch.Tensor, expected: torch.Tensor, ulps: int =
         a, e = actual.cpu(), expected.cpu()
         if not torch.equal(a, e):
             bad = (a != e).nonzero()
-            raise AssertionError(f"{len(bad)} values differ, first at {bad[0].tolist()}: "
-                                 f"{a[tuple(bad[0])].item()} vs {e[tuple(bad[0])].item()}")
+            raise AssertionError(
+                f"{len(bad)} values differ, first at {bad[0].tolist()}: "
+                f"{a[tuple(bad[0])].item()} vs {e[tuple(bad[0])].item()}"
+            )
     else:
         assert_within_ulp(actual, expected, ulps)

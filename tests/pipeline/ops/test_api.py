@@ -64,7 +64,9 @@ def test_non_cifar_size_and_non_contiguous_input():
     g = torch.Generator().manual_seed(0)
     views, *_ = aug(imgs, torch.arange(5), generator=g)
     params = aug.draw(5, "cpu", torch.Generator().manual_seed(0), 20, 14)
-    assert torch.equal(views, numpy_cutnmix(imgs.contiguous(), torch.arange(5), params, mean=aug.mean, std=aug.std)[0])
+    assert torch.equal(
+        views, numpy_cutnmix(imgs.contiguous(), torch.arange(5), params, mean=aug.mean, std=aug.std)[0]
+    )
 
 
 def test_auto_impl_choice(monkeypatch):
@@ -152,12 +154,23 @@ def test_params_round_trip_numpy():
 
 
 def test_numpy_baseline_built_from_cutnmix_or_kwargs():
-    aug = CutNMix(peers=4, mode="cutmix", alpha=0.5, mix_prob=0.25, pad=2, flip=False, out_dtype=torch.float16)
+    aug = CutNMix(
+        peers=4, mode="cutmix", alpha=0.5, mix_prob=0.25, pad=2, flip=False, out_dtype=torch.float16
+    )
     a, b = NumpyCutNMix(aug), NumpyCutNMix.from_aug(aug)
-    c = NumpyCutNMix(peers=4, mode="cutmix", alpha=0.5, mix_prob=0.25, pad=2, flip=False, out_dtype=torch.float16)
+    c = NumpyCutNMix(
+        peers=4, mode="cutmix", alpha=0.5, mix_prob=0.25, pad=2, flip=False, out_dtype=torch.float16
+    )
     for n in (a, b, c):
         assert (n.peers, n.mode, n.alpha, n.mix_prob, n.pad, n.flip, n.out_dtype) == (
-            4, "cutmix", 0.5, 0.25, 2, False, torch.float16)
+            4,
+            "cutmix",
+            0.5,
+            0.25,
+            2,
+            False,
+            torch.float16,
+        )
     with pytest.raises(CnmError):
         NumpyCutNMix(mode="bad")
 
@@ -172,7 +185,7 @@ def test_numpy_sample_is_pad_crop_flip_per_peer():
     padded = np.zeros((40, 40, 3), np.uint8)
     padded[4:36, 4:36] = img
     for k in range(5):
-        crop = padded[oy[k]:oy[k] + 32, ox[k]:ox[k] + 32]
+        crop = padded[oy[k] : oy[k] + 32, ox[k] : ox[k] + 32]
         assert np.array_equal(out[k], crop[:, ::-1] if fl[k] else crop)
     identity = NumpyCutNMix(peers=2, pad=0, flip=False).sample(img, np.random.default_rng(1))
     assert np.array_equal(identity[1], img)
@@ -190,8 +203,14 @@ def test_numpy_collate_matches_its_draws(mode):
     replay = np.random.default_rng()
     replay.bit_generator.state = state
     d = n.draw_batch(11, 32, 32, replay)
-    expected = mix_normalise_np(base, mode=mode, **{k: d[k] for k in ("perm", "lam", "box_h", "box_w", "box_y", "box_x")},
-                                mean32=n.mean32, inv_std32=n.inv_std32, out_dtype=torch.bfloat16)
+    expected = mix_normalise_np(
+        base,
+        mode=mode,
+        **{k: d[k] for k in ("perm", "lam", "box_h", "box_w", "box_y", "box_x")},
+        mean32=n.mean32,
+        inv_std32=n.inv_std32,
+        out_dtype=torch.bfloat16,
+    )
     assert torch.equal(views, expected)
     assert views.shape == (3, 11, 3, 32, 32) and views.dtype == torch.bfloat16
     assert all(views[k].is_contiguous(memory_format=torch.channels_last) for k in range(3))
@@ -212,13 +231,27 @@ def test_numpy_cutnmix_equals_base_views_then_mixing():
     params = draw_params(6, 2, 32, 32, mix_prob=1.0, generator=torch.Generator().manual_seed(0))
     imgs = images(6, 32, 32)
     d = params.numpy()
-    base = np.stack([base_views_np(imgs[i].numpy(), d["offset_y"][:, i], d["offset_x"][:, i], d["flip"][:, i], 4)
-                     for i in range(6)])
+    base = np.stack(
+        [
+            base_views_np(imgs[i].numpy(), d["offset_y"][:, i], d["offset_x"][:, i], d["flip"][:, i], 4)
+            for i in range(6)
+        ]
+    )
     views = numpy_cutnmix(imgs, torch.arange(6), params, mean=MEAN, std=STD)[0]
     from pipeline.ops.params import norm_constants
 
     m, s = norm_constants(MEAN, STD)
-    mixed = mix_normalise_np(base, mode="cutnmix", perm=d["perm"], lam=d["lam"], box_h=d["box_h"],
-                             box_w=d["box_w"], box_y=d["box_y"], box_x=d["box_x"], mean32=m, inv_std32=s,
-                             out_dtype=torch.float32)
+    mixed = mix_normalise_np(
+        base,
+        mode="cutnmix",
+        perm=d["perm"],
+        lam=d["lam"],
+        box_h=d["box_h"],
+        box_w=d["box_w"],
+        box_y=d["box_y"],
+        box_x=d["box_x"],
+        mean32=m,
+        inv_std32=s,
+        out_dtype=torch.float32,
+    )
     assert torch.equal(views, mixed)

@@ -71,13 +71,17 @@ def test_all_impls_equal_reference_fp32(mode, peers):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_all_impls_equal_reference_half(mode, dtype):
     b, h, w, p = 3, 5, 8, 3
-    params = draw_params(b, p, h, w, mode=mode, mix_prob=1.0, pad=3, generator=torch.Generator().manual_seed(7))
+    params = draw_params(
+        b, p, h, w, mode=mode, mix_prob=1.0, pad=3, generator=torch.Generator().manual_seed(7)
+    )
     check_all(images(b, h, w, seed=3), params, dtype)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_of_one(mode):
-    params = draw_params(1, 2, 5, 5, mode=mode, mix_prob=1.0, pad=2, generator=torch.Generator().manual_seed(1))
+    params = draw_params(
+        1, 2, 5, 5, mode=mode, mix_prob=1.0, pad=2, generator=torch.Generator().manual_seed(1)
+    )
     assert params.perm.tolist() == [0]  # mixing with itself
     check_all(images(1, 5, 5, seed=4), params)
 
@@ -101,26 +105,60 @@ EDGE_CASES = {
     # lam = 0: the whole image is the partner's, for both peers
     "full_box_lam0": edge(box_h=[H, H, 0], box_w=[W, W, 0]),
     # lam near 1: 1x1 boxes in the corners
-    "unit_box_corners": edge(box_h=[1, 1, 1], box_w=[1, 1, 1], box_y=[0, H - 1, 0, H - 1, 0, 0],
-                             box_x=[W - 1, 0, 0, W - 1, 0, 0]),
+    "unit_box_corners": edge(
+        box_h=[1, 1, 1], box_w=[1, 1, 1], box_y=[0, H - 1, 0, H - 1, 0, 0], box_x=[W - 1, 0, 0, W - 1, 0, 0]
+    ),
     # strips touching the right and bottom borders
-    "strips_on_borders": edge(box_h=[H, 1, H - 1], box_w=[1, W, W - 1], box_y=[0, H - 1, 1, 0, H - 1, 0],
-                              box_x=[W - 1, 0, 1, W - 1, 0, 1]),
+    "strips_on_borders": edge(
+        box_h=[H, 1, H - 1],
+        box_w=[1, W, W - 1],
+        box_y=[0, H - 1, 1, 0, H - 1, 0],
+        box_x=[W - 1, 0, 1, W - 1, 0, 1],
+    ),
     # extreme crops (offset 0 and 2*pad, i.e. padding on either side), with and without flips
-    "extreme_crops": edge(offset_y=[0, 2 * PAD, 0, 2 * PAD, PAD, 0], offset_x=[2 * PAD, 0, 0, 2 * PAD, 0, PAD],
-                          flip=[1, 0, 1, 1, 0, 1], box_h=[3, 2, 4], box_w=[2, 5, 3],
-                          box_y=[0, 4, 2, 1, 0, 2], box_x=[5, 0, 4, 2, 1, 0]),
+    "extreme_crops": edge(
+        offset_y=[0, 2 * PAD, 0, 2 * PAD, PAD, 0],
+        offset_x=[2 * PAD, 0, 0, 2 * PAD, 0, PAD],
+        flip=[1, 0, 1, 1, 0, 1],
+        box_h=[3, 2, 4],
+        box_w=[2, 5, 3],
+        box_y=[0, 4, 2, 1, 0, 2],
+        box_x=[5, 0, 4, 2, 1, 0],
+    ),
     # pad larger than the image: some crops lie entirely in the zero padding
-    "crop_in_padding": make_params(peers=2, batch=3, mode="cutnmix", pad=8, height=H, width=W, perm=[1, 2, 0],
-                                   offset_y=[0, 16, 8, 3, 0, 16], offset_x=[16, 0, 8, 0, 12, 16],
-                                   flip=[0, 1, 1, 0, 1, 0], box_h=[2, H, 0], box_w=[3, W, 0],
-                                   box_y=[4, 0, 0, 1, 0, 0], box_x=[4, 0, 0, 1, 0, 0]),
+    "crop_in_padding": make_params(
+        peers=2,
+        batch=3,
+        mode="cutnmix",
+        pad=8,
+        height=H,
+        width=W,
+        perm=[1, 2, 0],
+        offset_y=[0, 16, 8, 3, 0, 16],
+        offset_x=[16, 0, 8, 0, 12, 16],
+        flip=[0, 1, 1, 0, 1, 0],
+        box_h=[2, H, 0],
+        box_w=[3, W, 0],
+        box_y=[4, 0, 0, 1, 0, 0],
+        box_x=[4, 0, 0, 1, 0, 0],
+    ),
     # cutmix: one box position for every peer
-    "cutmix_shared_box": edge(mode="cutmix", box_h=[3, 5, 2], box_w=[4, 2, 7], box_y=[3, 1, 4, 3, 1, 4],
-                              box_x=[3, 5, 0, 3, 5, 0], flip=[1, 0, 0, 1, 1, 0]),
+    "cutmix_shared_box": edge(
+        mode="cutmix",
+        box_h=[3, 5, 2],
+        box_w=[4, 2, 7],
+        box_y=[3, 1, 4, 3, 1, 4],
+        box_x=[3, 5, 0, 3, 5, 0],
+        flip=[1, 0, 0, 1, 1, 0],
+    ),
     # mixup with lam exactly 0, exactly 1 and nearly 1
-    "mixup_lam_extremes": edge(mode="mixup", mixed=[1, 0, 1], lam=[0.0, 1.0, 0.9999999],
-                               offset_y=[0, 4, 1, 2, 3, 4], flip=[1, 0, 1, 0, 0, 1]),
+    "mixup_lam_extremes": edge(
+        mode="mixup",
+        mixed=[1, 0, 1],
+        lam=[0.0, 1.0, 0.9999999],
+        offset_y=[0, 4, 1, 2, 3, 4],
+        flip=[1, 0, 1, 0, 0, 1],
+    ),
 }
 
 
@@ -132,13 +170,17 @@ def test_edge_cases(case):
 
 def test_edge_case_lam_values():
     assert EDGE_CASES["full_box_lam0"].lam.tolist() == [0.0, 0.0, 1.0]
-    assert EDGE_CASES["unit_box_corners"].lam.tolist() == [np.float32(1) - np.float32(1) / np.float32(H * W)] * 3
+    assert (
+        EDGE_CASES["unit_box_corners"].lam.tolist() == [np.float32(1) - np.float32(1) / np.float32(H * W)] * 3
+    )
 
 
 def test_identity_base_view():
     """pad=0, flip=False, no mixing: views are the normalised images."""
     imgs = images(4, 5, 6)
-    params = draw_params(4, 3, 5, 6, mode="none", pad=0, flip=False, generator=torch.Generator().manual_seed(0))
+    params = draw_params(
+        4, 3, 5, 6, mode="none", pad=0, flip=False, generator=torch.Generator().manual_seed(0)
+    )
     expected = ((imgs.float() - torch.tensor(MEAN)) / torch.tensor(STD)).permute(0, 3, 1, 2)
     for impl in ["reference"] + all_impls():
         views = run(impl, imgs, torch.arange(4), params)
@@ -151,14 +193,28 @@ def test_reference_on_a_hand_computed_example():
     img0 = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.uint8)
     img1 = torch.tensor([[7, 8, 9], [10, 11, 12]], dtype=torch.uint8)
     imgs = torch.stack([img0, img1])[..., None].expand(2, 2, 3, 3).contiguous()
-    params = make_params(peers=2, batch=2, mode="cutnmix", pad=1, height=2, width=3, perm=[1, 0],
-                         offset_y=[0, 1, 1, 1], offset_x=[2, 1, 1, 1], flip=[1, 0, 0, 0],
-                         box_h=[1, 0], box_w=[2, 0], box_y=[0, 0, 1, 0], box_x=[1, 0, 0, 0])
+    params = make_params(
+        peers=2,
+        batch=2,
+        mode="cutnmix",
+        pad=1,
+        height=2,
+        width=3,
+        perm=[1, 0],
+        offset_y=[0, 1, 1, 1],
+        offset_x=[2, 1, 1, 1],
+        flip=[1, 0, 0, 0],
+        box_h=[1, 0],
+        box_w=[2, 0],
+        box_y=[0, 0, 1, 0],
+        box_x=[1, 0, 0, 0],
+    )
     for impl in ["reference"] + all_impls():
         labels = torch.tensor([3, 4])
         if impl in ("reference", "torch", "numba"):
-            views, y_a, y_b, lam = cutnmix(imgs, labels, params, mean=(0, 0, 0), std=(1, 1, 1),
-                                           out_dtype=torch.float32, impl=impl)
+            views, y_a, y_b, lam = cutnmix(
+                imgs, labels, params, mean=(0, 0, 0), std=(1, 1, 1), out_dtype=torch.float32, impl=impl
+            )
             assert y_a.tolist() == [3, 4] and y_b.tolist() == [4, 3]
             assert lam.tolist() == [np.float32(1) - np.float32(2) / np.float32(6), 1.0]  # float32 formula
         elif impl == "numpy":
@@ -195,7 +251,9 @@ def test_triton_interpreter_on_cifar_size_all_modes():
     b = 3
     imgs = images(b, 32, 32, seed=2)
     for mode in MODES:
-        params = draw_params(b, 3, 32, 32, mode=mode, mix_prob=1.0, generator=torch.Generator().manual_seed(2))
+        params = draw_params(
+            b, 3, 32, 32, mode=mode, mix_prob=1.0, generator=torch.Generator().manual_seed(2)
+        )
         expected = run("numpy", imgs, torch.arange(b), params)
         assert_views_equal(run("triton", imgs, torch.arange(b), params), expected)
 
@@ -219,7 +277,9 @@ def test_triton_64bit_offsets_variant(mode):
     from pipeline.ops.params import norm_constants
     from pipeline.ops.triton_impl import triton_cutnmix_views
 
-    params = draw_params(4, 2, 6, 5, mode=mode, mix_prob=1.0, pad=2, generator=torch.Generator().manual_seed(4))
+    params = draw_params(
+        4, 2, 6, 5, mode=mode, mix_prob=1.0, pad=2, generator=torch.Generator().manual_seed(4)
+    )
     imgs = images(4, 6, 5, seed=4)
     mean32, inv_std32 = norm_constants(MEAN, STD)
     wide = triton_cutnmix_views(imgs, params, mean32, inv_std32, torch.float32, wide=True)

@@ -15,8 +15,15 @@ BIG_BATCH = 4097  # odd, many more programs than SMs
 
 
 def _views(imgs, params, impl, dtype):
-    return cutnmix(imgs, torch.arange(imgs.shape[0], device=imgs.device), params, mean=MEAN, std=STD,
-                   out_dtype=dtype, impl=impl)[0]
+    return cutnmix(
+        imgs,
+        torch.arange(imgs.shape[0], device=imgs.device),
+        params,
+        mean=MEAN,
+        std=STD,
+        out_dtype=dtype,
+        impl=impl,
+    )[0]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -48,8 +55,9 @@ def test_triton_equals_torch_and_numpy_on_big_batches(cuda_device, mode):
     expected = numpy_cutnmix(imgs.cpu(), torch.arange(b), params.to("cpu"), mean=MEAN, std=STD)[0]
     assert_views_equal(_views(imgs, params, "triton", torch.float32), expected.to(cuda_device))
     assert_views_equal(_views(imgs, params, "torch", torch.float32), expected.to(cuda_device))
-    assert_views_equal(_views(imgs, params, "triton", torch.bfloat16),
-                       _views(imgs, params, "torch", torch.bfloat16), ulps=1)
+    assert_views_equal(
+        _views(imgs, params, "triton", torch.bfloat16), _views(imgs, params, "torch", torch.bfloat16), ulps=1
+    )
 
 
 def test_auto_uses_triton_and_never_syncs(cuda_device):

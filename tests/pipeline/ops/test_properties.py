@@ -31,8 +31,14 @@ def test_outside_box_own_view_inside_partner_view(mode):
     imgs = images(b, h, w, seed=1)
     params = draw_params(b, p, h, w, mode=mode, mix_prob=1.0, generator=torch.Generator().manual_seed(1))
     views = cutnmix(imgs, torch.arange(b), params, mean=MEAN, std=STD, out_dtype=torch.float32)[0]
-    base = cutnmix(imgs, torch.arange(b), dataclasses.replace(params, mode="none"), mean=MEAN, std=STD,
-                   out_dtype=torch.float32)[0]
+    base = cutnmix(
+        imgs,
+        torch.arange(b),
+        dataclasses.replace(params, mode="none"),
+        mean=MEAN,
+        std=STD,
+        out_dtype=torch.float32,
+    )[0]
     partner_base = base[:, params.perm]  # [P,B,...]: the partner's peer-k base view
     inside = box_masks(params, h, w)[:, :, None].expand(p, b, 3, h, w)
     assert bool(inside.any()) and bool((~inside).any())
@@ -41,7 +47,9 @@ def test_outside_box_own_view_inside_partner_view(mode):
 
 
 def test_cutnmix_shares_lam_and_box_size_positions_differ():
-    params = draw_params(N, 3, 32, 32, mode="cutnmix", mix_prob=1.0, generator=torch.Generator().manual_seed(2))
+    params = draw_params(
+        N, 3, 32, 32, mode="cutnmix", mix_prob=1.0, generator=torch.Generator().manual_seed(2)
+    )
     assert params.box_h.shape == (N,) and params.lam.shape == (N,)  # one size and lam per sample
     # positions are independent per peer: where a box has room to move they rarely coincide
     room = (params.box_h <= 24) & (params.box_w <= 24)
@@ -54,7 +62,9 @@ def test_cutnmix_shares_lam_and_box_size_positions_differ():
 
 
 def test_cutmix_positions_coincide():
-    params = draw_params(500, 4, 32, 32, mode="cutmix", mix_prob=1.0, generator=torch.Generator().manual_seed(3))
+    params = draw_params(
+        500, 4, 32, 32, mode="cutmix", mix_prob=1.0, generator=torch.Generator().manual_seed(3)
+    )
     assert bool((params.box_y == params.box_y[:1]).all() and (params.box_x == params.box_x[:1]).all())
     assert float((params.box_y[0] > 0).float().mean()) > 0.3  # not all at the origin
 
@@ -63,7 +73,9 @@ def test_cutmix_positions_coincide():
 @pytest.mark.parametrize("hw", [(32, 32), (24, 40)])
 def test_lam_is_one_minus_box_area_and_box_inside(mode, hw):
     h, w = hw
-    params = draw_params(N, 3, h, w, mode=mode, mix_prob=0.5, alpha=0.7, generator=torch.Generator().manual_seed(4))
+    params = draw_params(
+        N, 3, h, w, mode=mode, mix_prob=0.5, alpha=0.7, generator=torch.Generator().manual_seed(4)
+    )
     area = (params.box_h * params.box_w).to(torch.float32)
     assert torch.equal(params.lam, 1 - area / float(h * w))  # the float32 formula, bit for bit
     if h * w == 1024:  # exact in binary: lam * 1024 is an integer
@@ -85,8 +97,9 @@ def test_box_side_follows_beta_ks(alpha):
     """KS test of h/H against the law of sqrt(1 - Beta(a, a)); H = 4096 makes the rounding of
     the side to whole pixels (<= 1/8192) negligible against the KS tolerance (~0.01)."""
     h = w = 4096
-    params = draw_params(N, 1, h, w, mode="cutnmix", alpha=alpha, mix_prob=1.0,
-                         generator=torch.Generator().manual_seed(5))
+    params = draw_params(
+        N, 1, h, w, mode="cutnmix", alpha=alpha, mix_prob=1.0, generator=torch.Generator().manual_seed(5)
+    )
     s = params.box_h.double().numpy() / h
     assert np.array_equal(params.box_h.numpy(), params.box_w.numpy())  # square image: square box
     result = stats.kstest(s, lambda t: side_cdf(np.clip(t, 0, 1), alpha))
@@ -99,8 +112,9 @@ def test_box_side_rounding_at_cifar_size_chi_square():
     """At H = 32 the side is round(32 * s): compare the counts of every side with the exact
     probabilities of the rounding intervals (chi-square, sparse bins merged)."""
     h, alpha = 32, 1.0
-    params = draw_params(N, 1, h, h, mode="cutnmix", alpha=alpha, mix_prob=1.0,
-                         generator=torch.Generator().manual_seed(6))
+    params = draw_params(
+        N, 1, h, h, mode="cutnmix", alpha=alpha, mix_prob=1.0, generator=torch.Generator().manual_seed(6)
+    )
     counts = np.bincount(params.box_h.numpy(), minlength=h + 1).astype(float)
     edges = np.clip((np.arange(h + 2) - 0.5) / h, 0, 1)  # side m <=> s in [(m-.5)/32, (m+.5)/32)
     probs = np.diff(side_cdf(edges, alpha))
@@ -131,7 +145,9 @@ def test_positions_uniform_chi_square(axis):
 @pytest.mark.parametrize("mix_prob", [0.0, 0.3, 0.5, 1.0])
 @pytest.mark.parametrize("mode", ["cutnmix", "mixup"])
 def test_mix_prob_respected(mix_prob, mode):
-    params = draw_params(N, 2, 32, 32, mode=mode, mix_prob=mix_prob, generator=torch.Generator().manual_seed(8))
+    params = draw_params(
+        N, 2, 32, 32, mode=mode, mix_prob=mix_prob, generator=torch.Generator().manual_seed(8)
+    )
     k = int(params.mixed.sum())
     sd = np.sqrt(N * mix_prob * (1 - mix_prob))
     assert abs(k - N * mix_prob) <= 5 * sd  # binomial bounds (exact at 0 and 1)
@@ -140,14 +156,17 @@ def test_mix_prob_respected(mix_prob, mode):
 
 def test_mixup_lam_follows_beta():
     alpha = 0.4
-    params = draw_params(N, 2, 32, 32, mode="mixup", alpha=alpha, mix_prob=1.0,
-                         generator=torch.Generator().manual_seed(9))
+    params = draw_params(
+        N, 2, 32, 32, mode="mixup", alpha=alpha, mix_prob=1.0, generator=torch.Generator().manual_seed(9)
+    )
     assert stats.kstest(params.lam.double().numpy(), stats.beta(alpha, alpha).cdf).pvalue > 0.01
     assert bool((params.box_h == 0).all())
 
 
 def test_none_mode_is_identity_mix():
-    params = draw_params(100, 3, 32, 32, mode="none", mix_prob=1.0, generator=torch.Generator().manual_seed(0))
+    params = draw_params(
+        100, 3, 32, 32, mode="none", mix_prob=1.0, generator=torch.Generator().manual_seed(0)
+    )
     assert params.perm.tolist() == list(range(100))
     assert bool((params.lam == 1).all() and ~params.mixed.any() and (params.box_h == 0).all())
 
