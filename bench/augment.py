@@ -13,6 +13,8 @@ A *pipeline* delivers finished Cut^nMix peer views `[P,B,3,32,32]` on the traini
 - `op`          the Cut^nMix op alone on one device-resident batch (no loading at all): the
                 ceiling every loader is measured against; reports achieved memory bandwidth
                 against the device's datasheet peak (`bench.peaks`) when the device is known.
+                At a training batch (512) a GPU spends most of a call launching kernels; the
+                bandwidth figure wants a large `--op-batch-size` (e.g. 65536).
 
 Unit: images/s = samples per second delivered on the device with all P peer views finished;
 the P views of one sample count as ONE image. Each pipeline runs a warm-up (not timed: worker
@@ -33,9 +35,9 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -84,6 +86,7 @@ class AugmentConfig:
     dtype: str = "auto"              # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32
     synthetic_images: int = 50000    # size of the synthetic train split (CIFAR's is 50000)
     peak_gbps: float | None = None   # override the device's datasheet peak bandwidth
+    op_batch_size: int | None = None # batch of the `op` row (None: batch_size); large -> bandwidth
 
     def validate(self) -> None:
         unknown = [p for p in self.pipelines if p not in PIPELINES]
@@ -111,6 +114,8 @@ class AugmentConfig:
         if self.data == "synthetic" and self.synthetic_images < self.batch_size:
             raise CnmError(f"--synthetic-images ({self.synthetic_images}) must be at least "
                            f"--batch-size ({self.batch_size})")
+        if self.op_batch_size is not None and self.op_batch_size < 1:
+            raise CnmError("--op-batch-size must be >= 1")
         if self.peak_gbps is not None and not self.peak_gbps > 0:
             raise CnmError("--peak-gbps must be > 0")
 
@@ -146,6 +151,7 @@ class Workload:
     step: Callable[[], int]
     close: Callable[[], None] = lambda: None
     bytes_per_image: float | None = None   # memory traffic per image (the op: bandwidth)
+    batch_size: int | None = None          # images per step when not the run's --batch-size
     notes: dict = field(default_factory=dict)
 
 
@@ -234,8 +240,8 @@ def build_op(ctx: Context) -> Workload:
 
     cfg = ctx.config
     images, labels = load_manifest(ctx.data_dir).load_split("train", verify=False)
-    b = cfg.batch_size
-    idx = np.arange(b) % len(images)  # a split smaller than a batch is repeated
+    b = cfg.op_batch_size or cfg.batch_size
+    idx = np.arange(b) % len(images)  # a split smaller than the batch is repeated
     x = torch.from_numpy(np.ascontiguousarray(images[idx])).to(ctx.device)
     y = torch.from_numpy(np.ascontiguousarray(labels[idx])).to(ctx.device)
     aug = ctx.make_augment()
@@ -248,7 +254,7 @@ def build_op(ctx: Context) -> Workload:
         views, _, _, _ = aug(x, y, generator=gen)
         return int(views.shape[1])
 
-    return Workload(step=step, bytes_per_image=bytes_per_batch / b,
+    return Workload(step=step, bytes_per_image=bytes_per_batch / b, batch_size=b,
                     notes={"impl": getattr(aug, "impl", "auto"), "bytes_per_batch": bytes_per_batch})
 
 
@@ -321,12 +327,12 @@ def synthetic_dataset(num_images: int, seed: int, *, beton: bool | None = None) 
 # ----------------------------------------------------------------------------- running
 
 
-def per_repeat_batches(cfg: AugmentConfig) -> int | None:
+def per_repeat_batches(cfg: AugmentConfig, batch_size: int | None = None) -> int | None:
     """Batches per timed region from --batches / --images; None: calibrate from --seconds."""
     if cfg.batches is not None:
         return cfg.batches
     if cfg.images is not None:
-        return math.ceil(cfg.images / cfg.batch_size)
+        return math.ceil(cfg.images / (batch_size or cfg.batch_size))
     return None
 
 
@@ -393,7 +399,7 @@ def run_pipeline(name: str, builder: Builder, ctx: Context, *, clock: harness.Cl
                 return _unavailable(name, _one_line(e))
             except Exception as e:  # a back-end that cannot start here (e.g. DALI without a GPU)
                 return _unavailable(name, f"failed to start: {e.__class__.__name__}: {_one_line(e)}")
-            steps = per_repeat_batches(cfg)
+            steps = per_repeat_batches(cfg, workload.batch_size)
             t0 = clock()
             for _ in range(cfg.warmup):
                 workload.step()

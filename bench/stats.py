@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def summarize(values: Iterable[float]) -> dict[str, float]:

@@ -25,13 +25,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 
 from bench import harness, stats
-from bench.augment import Unavailable, Workload, calibrate, resolve_device, _one_line, _round
+from bench.augment import Unavailable, Workload, _one_line, _round, calibrate, resolve_device
 from pipeline.errors import CnmError
 
 
@@ -292,5 +292,11 @@ def run_train_bench(cfg: TrainBenchConfig, *, factory: StepFactory | None = None
     }
 
 
-__all__ = ["TrainBenchConfig", "Variant", "VARIANT_NAMES", "variants_for", "run_train_bench",
-           "default_step_factory"]
+__all__ = [
+    "VARIANT_NAMES",
+    "TrainBenchConfig",
+    "Variant",
+    "default_step_factory",
+    "run_train_bench",
+    "variants_for",
+]

@@ -30,11 +30,11 @@ def _comma_list(value: str, choices: tuple[str, ...], flag: str) -> tuple[str, .
 
 def _emit(doc: dict, *, json_path, save: bool, results_dir, plot_path, quiet: bool) -> None:
     """Print the table, then write --json, --save and --plot outputs."""
+    import shutil
+
     from rich.console import Console
 
     from bench import report
-
-    import shutil
 
     # a wide table even when stdout is a file or a pipe (rich would assume 80 columns)
     Console(width=max(shutil.get_terminal_size((160, 24)).columns, 140)).print(report.table(doc))
@@ -97,13 +97,15 @@ def _output_options(f):
               help="without --batches/--images: size each timed region to last about this long")
 @click.option("--warmup", default=3, show_default=True, type=int, help="untimed batches first")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--op-batch-size", default=None, type=int,
+              help="batch of the `op` row (default: --batch-size; use e.g. 65536 for its bandwidth)")
 @click.option("--peak-gbps", default=None, type=float,
               help="device peak memory bandwidth in GB/s (default: datasheet value by device name)")
 @_output_options
 @click.pass_context
 def bench(ctx, data, synthetic_images, device, peers, batch_size, mode, dtype, pipelines, repeats,
-          batches, images, seconds, warmup, seed, peak_gbps, json_path, save, results_dir, plot_path,
-          isolate, quiet):
+          batches, images, seconds, warmup, seed, op_batch_size, peak_gbps, json_path, save, results_dir,
+          plot_path, isolate, quiet):
     """Augmentation throughput: images/s with all peer views finished on the device, for every
     pipeline (cpu baseline, ffcv, dali, dali-native, resident, the op alone), side by side.
 
@@ -117,7 +119,7 @@ def bench(ctx, data, synthetic_images, device, peers, batch_size, mode, dtype, p
                         pipelines=_comma_list(pipelines, PIPELINE_CHOICES, "--pipelines"),
                         repeats=repeats, batches=batches, images=images, seconds=seconds,
                         warmup=warmup, seed=seed, dtype=dtype, synthetic_images=synthetic_images,
-                        peak_gbps=peak_gbps)
+                        peak_gbps=peak_gbps, op_batch_size=op_batch_size)
     cfg.validate()
     if plot_path:  # fail before a long run, not after it
         from bench.report import require_matplotlib

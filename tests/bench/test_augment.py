@@ -122,6 +122,11 @@ def test_real_op_bytes_per_image():
     assert row["bytes_per_image"] == 32 * 32 * 3 + 3 * 3 * 32 * 32 * 4
     assert row["bandwidth_gbps"]["median"] == pytest.approx(
         row["images_per_s"]["median"] * row["bytes_per_image"] / 1e9)
+    # its own batch size (larger than the split: the split is repeated)
+    doc = run_augment_bench(tiny(pipelines=("op",), op_batch_size=40, batches=None, images=100))
+    row = doc["results"][0]
+    assert row["batches_per_repeat"] == 3 and row["images_per_repeat"] == [120, 120]
+    assert row["notes"]["bytes_per_batch"] == 40 * (3072 + 2 * 3072 * 4)
 
 
 def test_missing_backends_reported_unavailable(hide_backends):
