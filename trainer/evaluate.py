@@ -45,9 +45,9 @@ class Evaluator:
                  channels_last: bool = False, batch_size: int = 1000, rank: int = 0, world: int = 1,
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.device = torch.device(device)
-        images = torch.as_tensor(np.ascontiguousarray(images[rank::world]) if isinstance(images, np.ndarray)
+        images = torch.as_tensor(np.array(images[rank::world]) if isinstance(images, np.ndarray)
                                  else images[rank::world])
-        labels = torch.as_tensor(np.asarray(labels[rank::world]) if isinstance(labels, np.ndarray)
+        labels = torch.as_tensor(np.array(labels[rank::world]) if isinstance(labels, np.ndarray)
                                  else labels[rank::world])
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)

@@ -17,11 +17,8 @@ import math
 def lr_at(schedule: str, lr0: float, epochs: int, epoch: int, step: int, steps_per_epoch: int) -> float:
     """Learning rate for step `step` (0-based) of epoch `epoch` (0-based)."""
     if schedule == "step":
-        factor = 1.0
-        for milestone in (0.5, 0.75):
-            if epoch >= int(round(milestone * epochs)):
-                factor *= 0.1
-        return lr0 * factor
+        drops = sum(epoch >= m for m in milestones(epochs))
+        return lr0 / 10 ** drops
     if schedule == "cosine":
         t = (epoch + step / max(steps_per_epoch, 1)) / epochs
         return lr0 * 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
@@ -29,5 +26,6 @@ def lr_at(schedule: str, lr0: float, epochs: int, epoch: int, step: int, steps_p
 
 
 def milestones(epochs: int) -> list[int]:
-    """Epochs (0-based) at which the step schedule divides the lr by 10."""
-    return [int(round(m * epochs)) for m in (0.5, 0.75)]
+    """Epochs (0-based) at which the step schedule divides the lr by 10 (ceil: a short run
+    starts at lr0; 300 epochs -> 150, 225)."""
+    return [math.ceil(m * epochs) for m in (0.5, 0.75)]
