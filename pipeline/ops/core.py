@@ -103,13 +103,20 @@ def cutnmix(
 
         return reference_cutnmix(images, labels, params, mean=mean, std=std, out_dtype=dtype)
     images = images.contiguous()
+    views = None
     if which == "numba":
-        views = numba_impl.numba_cutnmix_views(images, params, mean32, inv_std32, dtype)
-    elif which == "triton":
+        try:
+            views = numba_impl.numba_cutnmix_views(images, params, mean32, inv_std32, dtype)
+        except Exception as err:  # a numba that imports but cannot compile (version clash)
+            if impl != "auto":
+                raise CnmError(f"the numba Cut^nMix kernel failed: {type(err).__name__}: {err}") from None
+            numba_impl.disable(f"{type(err).__name__}: {err}")  # warns once; auto -> torch from now on
+            which = "torch"
+    if which == "triton":
         from pipeline.ops.triton_impl import triton_cutnmix_views
 
         views = triton_cutnmix_views(images, params, mean32, inv_std32, dtype)
-    else:
+    elif which == "torch":
         from pipeline.ops.torch_impl import torch_cutnmix_views
 
         views = torch_cutnmix_views(images, params, mean32, inv_std32, dtype)

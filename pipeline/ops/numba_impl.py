@@ -3,7 +3,7 @@
 Same semantics as `pipeline.ops.reference` (DESIGN.md, section Cut^nMix; Shen et al.,
 arXiv 2206.12370 as formulated by this project). Why it is fast on a CPU where a chain of torch
 ops is not: every torch op is a full pass over memory (~1.5 ns/element on this 2-core box), and
-the torch path needs ~6 of them; here each output row is written once, as at most three
+the torch path needs several; here each output row is written once, as at most three
 contiguous segments (left of the box: own view, box: partner's view, right: own view), each
 a tight loop of `out = lut[c, pixel]` where `lut` [3,256] holds norm(p) already rounded to the
 output dtype (so the values are the reference's bit for bit). Output dtypes are handled as
@@ -18,6 +18,7 @@ pure-torch path (`pipeline.ops.torch_impl`) is used instead. Samples run in para
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -30,12 +31,26 @@ _kernels = None
 _lock = threading.Lock()
 
 
+_disabled: str | None = None
+
+
 def available() -> bool:
+    """numba imports (and has not failed to compile the kernels in this process)."""
+    if _disabled is not None:
+        return False
     try:
         import numba  # noqa: F401
     except Exception:
         return False
     return True
+
+
+def disable(reason: str) -> None:
+    """Stop using numba in this process (impl="auto" falls back to torch), with one warning."""
+    global _disabled
+    if _disabled is None:
+        warnings.warn(f"numba Cut^nMix kernel unusable, using the torch path: {reason}", stacklevel=3)
+    _disabled = reason
 
 
 def _build():

@@ -255,3 +255,22 @@ def test_numpy_cutnmix_equals_base_views_then_mixing():
         out_dtype=torch.float32,
     )
     assert torch.equal(views, mixed)
+
+
+def test_auto_falls_back_to_torch_when_numba_fails(monkeypatch):
+    if not numba_impl.available():
+        pytest.skip("numba not installed")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot compile")
+
+    monkeypatch.setattr(numba_impl, "numba_cutnmix_views", broken)
+    monkeypatch.setattr(numba_impl, "_disabled", None)
+    imgs, labels = images(4, 32, 32), torch.arange(4)
+    params = draw_params(4, 2, 32, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CnmError, match="numba Cut\\^nMix kernel failed"):
+        cutnmix(imgs, labels, params, impl="numba")
+    with pytest.warns(UserWarning, match="using the torch path"):
+        views = cutnmix(imgs, labels, params, impl="auto")[0]
+    assert torch.equal(views, cutnmix(imgs, labels, params, impl="torch")[0])
+    assert resolve_impl("auto", torch.device("cpu")) == "torch"
