@@ -355,7 +355,7 @@ def require_matplotlib():
 
 
 def plot(doc: dict, path: str | os.PathLike) -> Path:
-    """Horizontal bars of median images/s per pipeline (log scale, min-max whiskers) to a PNG."""
+    """Median images/s per row (log scale, min-max whiskers, the baseline dashed) to a PNG."""
     plt = require_matplotlib()
     rows = [r for r in doc["results"] if r["available"]]
     if not rows:
@@ -365,18 +365,29 @@ def plot(doc: dict, path: str | os.PathLike) -> Path:
     med = [r["images_per_s"]["median"] for r in rows]
     lo = [m - r["images_per_s"]["min"] for m, r in zip(med, rows)]
     hi = [r["images_per_s"]["max"] - m for m, r in zip(med, rows)]
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
-    ax.barh(names, med, xerr=[lo, hi], color="tab:blue", capsize=3)
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.6))
+    ys = list(range(len(rows)))
+    ax.errorbar(med, ys, xerr=[lo, hi], fmt="o", color="tab:blue", ecolor="tab:gray", capsize=3)
+    ax.set_yticks(ys, names)
     ax.set_xscale("log")
     ax.invert_yaxis()
-    ax.set_xlabel("images/s (all peer views of a sample = one image), log scale")
+    top = max(r["images_per_s"]["max"] for r in rows)
+    bottom = min(r["images_per_s"]["min"] for r in rows)
+    ax.set_xlim(bottom / 2, top * 6)
+    ax.grid(axis="x", which="both", alpha=0.3)
+    base = rows[0] if key == "variant" else next((r for r in rows if r["pipeline"] == doc.get("baseline")), None)
+    if base is not None:
+        ax.axvline(base["images_per_s"]["median"], color="tab:red", linestyle="--", linewidth=1,
+                   label=f"{base[key]} (baseline)")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("images/s (all peer views of a sample = one image), log scale; median, min-max")
     env = doc["env"]
     ax.set_title(f"cnm bench {doc.get('bench', 'augment')} — {env.get('device_name')} "
                  f"({str(env.get('git_commit'))[:10]})", fontsize=10)
-    for y, (m, r) in enumerate(zip(med, rows)):
+    for y, (m, r) in zip(ys, zip(med, rows)):
         ratio = r.get("ratio_to_cpu") if key == "pipeline" else r.get("ratio_to_eager")
         label = f"{m:,.0f}" + (f"  ({ratio:.1f}x)" if ratio is not None else "")
-        ax.text(m, y, " " + label, va="center", fontsize=8)
+        ax.text(r["images_per_s"]["max"] * 1.15, y, label, va="center", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     tmp = None
