@@ -247,48 +247,60 @@ def test_wrong_views_shape_and_wrong_state_count(tiny):
 # ---- CUDA (run with `PYTHONPATH=. pytest -m gpu`) -------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["resnet32", "wrn20_8", "densenet40_12", "vgg16"])
+@pytest.mark.parametrize("arch", list(MODELS))
 def test_grouped_equals_loop_cuda(arch, cuda_device):
-    """fp32 on CUDA with TF32 off: grouped vs loop outputs and gradients within 1e-4 (cuDNN
-    picks different algorithms for grouped and plain convolutions)."""
+    """On CUDA, where cuDNN picks different algorithms for grouped and plain convolutions:
+    float64 logits, features, gradients and BN buffers agree to 1e-9 (3 peers, batch 8, 32x32,
+    train mode); float32 with TF32 off: logits and features to 1e-4. (float32 gradients of deep
+    nets at initialisation are not compared elementwise: ReLU kinks flipped by rounding move
+    them, in either mode, by up to 0.5% in relative L2 norm - measured on CPU for resnet110 -
+    which is why the structural check runs in float64.)"""
     P, B = 3, 8
     loop, grouped = (ps.to(cuda_device) for ps in _pair([arch] * P))
     views = torch.randn(P, B, 3, 32, 32, device=cuda_device)
     y = torch.randint(0, 10, (B,), device=cuda_device)
+    res = []
+    for ps in (loop.double(), grouped.double()):
+        logits, feats = ps(views.double())
+        _loss(logits, feats, y).backward()
+        res.append((logits, feats, _per_peer(ps, "grads"), _per_peer(ps, "buffers")))
+    (zl, fl, gl, bl), (zg, fg, gg, bg) = res
+    tight = dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(zg, zl, **tight)
+    for p in range(P):
+        torch.testing.assert_close(fg[p], fl[p], **tight)
+    _assert_states_close(gg, gl, **tight)
+    _assert_states_close(bg, bl, **tight)
+    loop.float(), grouped.float()                    # exact: the weights came from float32
     prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        res = []
-        for ps in (loop, grouped):
-            logits, feats = ps(views)
-            _loss(logits, feats, y).backward()
-            res.append((logits, feats, _per_peer(ps, "grads")))
+        with torch.no_grad():
+            (zl, fl), (zg, fg) = loop(views), grouped(views)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
-    (zl, fl, gl), (zg, fg, gg) = res
-    tol = dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(zg, zl, **tol)
+    torch.testing.assert_close(zg, zl, rtol=1e-4, atol=1e-4)
     for p in range(P):
-        torch.testing.assert_close(fg[p], fl[p], **tol)
-        for key in gl[p]:
-            torch.testing.assert_close(gg[p][key], gl[p][key], rtol=1e-3, atol=1e-3, msg=key)
+        torch.testing.assert_close(fg[p], fl[p], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("peer_exec", ["loop", "grouped"])
 def test_bf16_autocast_channels_last_close_to_fp32(peer_exec, cuda_device):
-    """bf16 autocast + channels-last (the fast path) against fp32 contiguous: logits within
-    0.05 * max|logit| + 0.05 and the same arg-max on at least 90% of samples (bf16 keeps
-    8 mantissa bits: ~0.4% per op, accumulated over 32 layers)."""
+    """bf16 autocast + channels-last (the fast path) against fp32 contiguous, train-mode BN:
+    logits within 0.05 * max|logit| + 0.05 and the same arg-max on >= 90% of samples. (bf16
+    keeps 8 mantissa bits; measured with CPU autocast on this test's input: max error 0.031 for
+    max|logit| 3.96, i.e. 0.8%, and 98% arg-max agreement at initialisation, where logits are
+    nearly tied.)"""
     P, B = 3, 64
     torch.manual_seed(0)
-    ps = build_peers(["resnet32"] * P, 100, peer_exec).to(cuda_device).eval()
+    ps = build_peers(["resnet32"] * P, 100, peer_exec).to(cuda_device).train()
     views = torch.randn(P, B, 3, 32, 32, device=cuda_device)
     with torch.no_grad():
         ref, _ = ps(views)
         ps.to(memory_format=torch.channels_last)
         cl_views = views.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(cuda_device.type, dtype=torch.bfloat16):
             fast, feats = ps(cl_views.bfloat16())
     assert fast.dtype == torch.bfloat16
     err = (fast.float() - ref).abs().max().item()
