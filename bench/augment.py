@@ -254,8 +254,13 @@ def build_op(ctx: Context) -> Workload:
         views, _, _, _ = aug(x, y, generator=gen)
         return int(views.shape[1])
 
+    impl = getattr(aug, "impl", "auto")
+    with contextlib.suppress(Exception):  # the implementation "auto" resolves to on this device
+        from pipeline.ops import resolve_impl
+
+        impl = resolve_impl(impl, ctx.device)
     return Workload(step=step, bytes_per_image=bytes_per_batch / b, batch_size=b,
-                    notes={"impl": getattr(aug, "impl", "auto"), "bytes_per_batch": bytes_per_batch})
+                    notes={"impl": impl, "bytes_per_batch": bytes_per_batch})
 
 
 BUILDERS: dict[str, Builder] = {
@@ -429,6 +434,7 @@ def run_pipeline(name: str, builder: Builder, ctx: Context, *, clock: harness.Cl
         "peak_device_mb": _round(mem.peak_device_mb),
         "peak_device_used_mb": _round(mem.peak_device_used_mb),
         "host_memory_method": mem.host_method,
+        "torch_threads": torch.get_num_threads(),
         "repeats": cfg.repeats,
         "batches_per_repeat": steps,
         "images_per_repeat": timings.items,
@@ -531,6 +537,7 @@ def run_augment_bench(cfg: AugmentConfig, *, builders: dict[str, Builder] | None
     device = resolve_device(cfg.device)
     out_dtype = resolve_dtype(cfg.dtype, device)
     dev_name = device_name(device)
+    env = environment(device)  # before the run: its date and load average are the start's
     if cfg.peak_gbps is not None:
         peak = (float(cfg.peak_gbps), "--peak-gbps")
     else:
@@ -589,7 +596,7 @@ def run_augment_bench(cfg: AugmentConfig, *, builders: dict[str, Builder] | None
         "bench": "augment",
         "unit": UNIT,
         "baseline": BASELINE,
-        "env": environment(device),
+        "env": env,
         "config": config,
         "results": results,
     }

@@ -118,7 +118,6 @@ def environment(device: torch.device | str) -> dict:
         **gpu,
         "cpu_model": cpu_model(),
         "cpu_count": cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         # the machine's load when the run started: on a shared machine, figures taken under a
         # load above the CPU count are slowed by contention and are not comparable
         "load_average": _loadavg(),

@@ -184,6 +184,7 @@ def run_variant(variant: Variant, factory: StepFactory, cfg: TrainBenchConfig, d
         "peak_device_mb": _round(mem.peak_device_mb),
         "peak_device_used_mb": _round(mem.peak_device_used_mb),
         "host_memory_method": mem.host_method,
+        "torch_threads": torch.get_num_threads(),
         "repeats": cfg.repeats,
         "steps_per_repeat": steps,
         "images_per_repeat": timings.items,
@@ -255,6 +256,7 @@ def run_train_bench(cfg: TrainBenchConfig, *, factory: StepFactory | None = None
     if factory is default_step_factory:
         _check_archs(cfg.arch)
     device = resolve_device(cfg.device)
+    env = environment(device)  # before the run: its date and load average are the start's
     sync = sync or harness.device_sync(device)
     results = []
     for name in cfg.variants:
@@ -286,7 +288,7 @@ def run_train_bench(cfg: TrainBenchConfig, *, factory: StepFactory | None = None
         "unit": ("images/s: training samples per second (each sample's P peer views count as one "
                  "image); ms/step: wall time of one train step"),
         "baseline": "eager-fp32",
-        "env": environment(device),
+        "env": env,
         "config": config,
         "results": results,
     }
