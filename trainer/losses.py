@@ -102,4 +102,4 @@ def rampup(epoch: float, rampup_epochs: float = 80) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
-__all__ = ["mixed_ce", "kd_loss", "fml_loss", "rampup"]
+__all__ = ["fml_loss", "kd_loss", "mixed_ce", "rampup"]

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from pipeline.errors import CnmError
 from trainer.models import build_model, check_arch
@@ -232,5 +232,13 @@ def build_peers(archs: Sequence[str], num_classes: int, peer_exec: str = "loop")
     return LoopPeers(archs, num_classes)
 
 
-__all__ = ["PEER_EXEC", "PeerSet", "LoopPeers", "GroupedPeers", "build_peers",
-           "split_state_dict", "merge_state_dicts", "views_to_grouped_input"]
+__all__ = [
+    "PEER_EXEC",
+    "GroupedPeers",
+    "LoopPeers",
+    "PeerSet",
+    "build_peers",
+    "merge_state_dicts",
+    "split_state_dict",
+    "views_to_grouped_input",
+]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from pipeline.errors import CnmError
 from trainer.peers import PeerSet
@@ -70,7 +70,7 @@ class EMATeacher(nn.Module):
     def live(self) -> PeerSet:
         return self.__dict__["_live"]
 
-    def train(self, mode: bool = True) -> "EMATeacher":
+    def train(self, mode: bool = True) -> EMATeacher:
         """The teacher always runs in eval mode (BN uses its running statistics)."""
         super().train(mode)
         self.module.eval()
@@ -142,4 +142,4 @@ def peers_teacher(live_logits: torch.Tensor) -> torch.Tensor:
     return teacher_logits(live_logits)
 
 
-__all__ = ["EMATeacher", "ema_decay", "teacher_logits", "peers_teacher", "BUFFER_MODES"]
+__all__ = ["BUFFER_MODES", "EMATeacher", "ema_decay", "peers_teacher", "teacher_logits"]

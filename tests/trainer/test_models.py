@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline.errors import CnmError
 from trainer.models import MODELS, build_model, count_parameters
@@ -55,7 +55,7 @@ def test_unknown_arch_lists_choices():
     assert "resnet33" in msg and all(name in msg for name in MODELS) and "\n" not in msg
 
 
-@pytest.mark.parametrize("bad", [dict(num_classes=0), dict(num_classes=10, peers=0)])
+@pytest.mark.parametrize("bad", [{"num_classes": 0}, {"num_classes": 10, "peers": 0}])
 def test_bad_sizes_raise_cnm_error(bad):
     with pytest.raises(CnmError):
         build_model("resnet20", **bad)

@@ -10,16 +10,23 @@ import torch.nn.functional as F
 from pipeline.errors import CnmError
 from trainer.models import MODELS, build_model
 from trainer.models.densenet import DenseNet
+from trainer.models.layers import is_channels_last
 from trainer.models.resnet import CifarResNet
 from trainer.models.vgg import VGG
 from trainer.models.wrn import WideResNet
-from trainer.peers import (GroupedPeers, LoopPeers, build_peers, merge_state_dicts,
-                           split_state_dict, views_to_grouped_input)
+from trainer.peers import (
+    GroupedPeers,
+    LoopPeers,
+    build_peers,
+    merge_state_dicts,
+    split_state_dict,
+    views_to_grouped_input,
+)
 
 # Tolerances: the spec's 1e-5 for fp32 on CPU. Tests on the registered archs use batch 2 at
 # 8x8 (VGG 32x32); the tiny instances of each model class run the same code paths cheaply.
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _side(arch):
@@ -128,7 +135,7 @@ def test_grouped_equals_loop_float64_exact(name, tiny):
         _loss(logits, features, y).backward()
         outs.append((logits, features, _per_peer(ps, "grads"), _per_peer(ps, "buffers")))
     (zl, fl, gl, bl), (zg, fg, gg, bg) = outs
-    tight = dict(rtol=1e-10, atol=1e-10)
+    tight = {"rtol": 1e-10, "atol": 1e-10}
     torch.testing.assert_close(zg, zl, **tight)
     for p in range(P):
         torch.testing.assert_close(fg[p], fl[p], **tight)
@@ -158,7 +165,15 @@ def test_channels_last_equals_contiguous(source, train, tiny):
     assert views_to_grouped_input(cl_views).is_contiguous(memory_format=torch.channels_last)
     for ps in (loop, grouped):
         ps.to(memory_format=torch.channels_last)
+        layouts = []                                # every conv input stays channels-last
+        def record(module, args, layouts=layouts):
+            layouts.append(is_channels_last(args[0]))
+        hooks = [m.register_forward_pre_hook(record)
+                 for m in ps.modules() if isinstance(m, torch.nn.Conv2d)]
         logits, feats = ps(cl_views)
+        for h in hooks:
+            h.remove()
+        assert layouts and all(layouts)
         torch.testing.assert_close(logits, ref_logits, **TOL)
         for a, b in zip(feats, ref_feats):
             torch.testing.assert_close(a, b, **TOL)
@@ -190,14 +205,21 @@ def test_peer_state_dicts_round_trip_exact(arch, tiny):
     _assert_states_close(fresh.peer_state_dicts(), states, rtol=0, atol=0)
 
 
+def test_single_peer_grouped_is_the_plain_network(tiny):
+    loop, grouped = _pair(["tiny_densenet"])
+    views = torch.randn(1, 2, 3, 8, 8)
+    torch.testing.assert_close(grouped(views)[0], loop(views)[0], **TOL)
+    assert grouped.net.conv1.groups == 1
+
+
 def test_split_merge_inverse_on_random_state():
     state = {"w": torch.randn(6, 3, 3, 3), "b": torch.randn(6), "n": torch.tensor(7)}
     parts = split_state_dict(state, 3)
     assert parts[1]["w"].shape == (2, 3, 3, 3) and int(parts[2]["n"]) == 7
     torch.testing.assert_close(parts[1]["b"], state["b"][2:4], rtol=0, atol=0)
     merged = merge_state_dicts(parts)
-    for k in state:
-        assert torch.equal(merged[k], state[k])
+    for k, v in state.items():
+        assert torch.equal(merged[k], v)
 
 
 def test_mixed_ensemble_loop_works_and_grouped_refuses(tiny):
@@ -224,9 +246,9 @@ def test_forward_shared_equals_forward_on_repeated_images(tiny):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(archs=[], num_classes=10), "peers"),
-    (dict(archs=["resnet21"], num_classes=10), "resnet20"),
-    (dict(archs=["resnet20"], num_classes=10, peer_exec="vector"), "loop, grouped"),
+    ({"archs": [], "num_classes": 10}, "peers"),
+    ({"archs": ["resnet21"], "num_classes": 10}, "resnet20"),
+    ({"archs": ["resnet20"], "num_classes": 10, "peer_exec": "vector"}, "loop, grouped"),
 ])
 def test_bad_input_raises_cnm_error(kwargs, match):
     with pytest.raises(CnmError, match=match):
@@ -265,7 +287,7 @@ def test_grouped_equals_loop_cuda(arch, cuda_device):
         _loss(logits, feats, y).backward()
         res.append((logits, feats, _per_peer(ps, "grads"), _per_peer(ps, "buffers")))
     (zl, fl, gl, bl), (zg, fg, gg, bg) = res
-    tight = dict(rtol=1e-9, atol=1e-9)
+    tight = {"rtol": 1e-9, "atol": 1e-9}
     torch.testing.assert_close(zg, zl, **tight)
     for p in range(P):
         torch.testing.assert_close(fg[p], fl[p], **tight)
@@ -301,7 +323,7 @@ def test_bf16_autocast_channels_last_close_to_fp32(peer_exec, cuda_device):
         ps.to(memory_format=torch.channels_last)
         cl_views = views.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
         with torch.autocast(cuda_device.type, dtype=torch.bfloat16):
-            fast, feats = ps(cl_views.bfloat16())
+            fast, _feats = ps(cl_views.bfloat16())
     assert fast.dtype == torch.bfloat16
     err = (fast.float() - ref).abs().max().item()
     assert err <= 0.05 * ref.abs().max().item() + 0.05, err

@@ -16,9 +16,9 @@ independent peers side by side (input `[B, P*3, H, W]`, outputs `[B, P*K]`, `[B,
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-import torch.nn as nn
+from torch import nn
 
 from pipeline.errors import CnmError
 from trainer.models.densenet import densenet40_12

@@ -12,11 +12,10 @@ bottlenecks, no compression, no dropout (the paper drops out only without augmen
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from trainer.models.layers import (PeerBatchNorm2d, PeerConv2d, PeerLinear, init_conv_bn,
-                                   peer_cat)
+from trainer.models.layers import PeerBatchNorm2d, PeerConv2d, PeerLinear, init_conv_bn, peer_cat
 
 
 class DenseLayer(nn.Module):

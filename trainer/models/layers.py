@@ -27,8 +27,8 @@ fast path.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class PeerConv2d(nn.Conv2d):
@@ -108,8 +108,7 @@ def peer_pad_channels(x: torch.Tensor, peers: int, before: int, after: int) -> t
     """
     if peers == 1 and not is_channels_last(x):
         return F.pad(x, (0, 0, 0, 0, before, after))
-    B, PC, H, W = x.shape
-    C = PC // peers
+    C = x.shape[1] // peers
     if is_channels_last(x):
         nhwc = x.permute(0, 2, 3, 1).unflatten(3, (peers, C))           # [B, H, W, P, C]
         out = F.pad(nhwc, (before, after))

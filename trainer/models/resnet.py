@@ -12,11 +12,10 @@ ResNet-32 has 0.46M parameters on CIFAR-10 (He et al., Table 6).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from trainer.models.layers import (PeerBatchNorm2d, PeerConv2d, PeerLinear, init_conv_bn,
-                                   peer_pad_channels)
+from trainer.models.layers import PeerBatchNorm2d, PeerConv2d, PeerLinear, init_conv_bn, peer_pad_channels
 
 
 class BasicBlock(nn.Module):

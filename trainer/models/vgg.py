@@ -12,8 +12,7 @@ extra 512x512 fully connected layers before the classifier (15.3M); this is the 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
 
 from trainer.models.layers import PeerBatchNorm2d, PeerConv2d, PeerLinear, init_conv_bn
 

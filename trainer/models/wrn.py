@@ -13,8 +13,8 @@ CIFAR-10): ResNet-20's 0.27M times 8^2, the figure quoted for WRN-20-8 in those 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from trainer.models.layers import PeerBatchNorm2d, PeerConv2d, PeerLinear, init_conv_bn
 
