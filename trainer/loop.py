@@ -307,7 +307,7 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
                 ckpt.save_checkpoint(run / ckpt.BEST, payload)
         progress.report(row)
         comm.barrier()
-    progress.summary(rows, best, str(run))
+    progress.summary(rows, best, str(run), archs=list(res.archs))
     return {"run": str(run), "epochs": cfg.epochs, "last": rows[-1] if rows else None, "best": best,
             "rows": rows}
 

@@ -68,12 +68,13 @@ class Progress:
                  console=None):
         self.epochs = epochs
         self.enabled = enabled
-        self.quiet = quiet or not sys.stdout.isatty()
         self.refresh_s = refresh_s
         self._bar = None
         self._task = None
         self._live: LiveLoss | None = None
         self._console = console
+        # bars only on a terminal (a log file gets the plain lines)
+        self.quiet = quiet or not (console.is_terminal if console is not None else sys.stdout.isatty())
 
     @property
     def console(self):
@@ -133,7 +134,7 @@ class Progress:
         self.log(epoch_line(row, self.epochs))
 
     # ------------------------------------------------------------------ end of run
-    def summary(self, rows: list[dict], best: dict | None, run_dir: str) -> None:
+    def summary(self, rows: list[dict], best: dict | None, run_dir: str, archs=None) -> None:
         if not self.enabled or not rows:
             return
         last = rows[-1]
@@ -143,10 +144,11 @@ class Progress:
                         if last.get("teacher_ensemble_acc") is not None else "")
                      + (f"  best ensemble {best['ensemble_acc']:.2f}% (epoch {best['epoch']})" if best else ""))
             return
-        self.console.print(accuracy_table(last, title=f"{run_dir} — epoch {last['epoch']}"))
+        self.console.print(accuracy_table({**last, "archs": archs}, title=f"{run_dir} — epoch {last['epoch']}"))
         if best:
             self.console.print(f"best ensemble {best['ensemble_acc']:.2f}% at epoch {best['epoch']} "
-                               f"(best.pt); total train time {sum(r['epoch_s'] for r in rows):.1f}s")
+                               f"(best.pt); total train time {sum(r['epoch_s'] for r in rows):.1f}s",
+                               highlight=False)
 
 
 def accuracy_table(acc: dict, title: str = ""):
@@ -159,9 +161,9 @@ def accuracy_table(acc: dict, title: str = ""):
     has_teacher = acc.get("teacher_acc") is not None
     if has_teacher:
         t.add_column("EMA teacher acc %", justify="right")
-    archs = acc.get("archs") or [f"peer" for _ in acc["test_acc"]]
+    archs = acc.get("archs")
     for k, a in enumerate(acc["test_acc"]):
-        cells = [f"peer {k} ({archs[k]})", f"{a:.2f}"]
+        cells = [f"peer {k}" + (f" ({archs[k]})" if archs else ""), f"{a:.2f}"]
         if has_teacher:
             cells.append(f"{acc['teacher_acc'][k]:.2f}")
         t.add_row(*cells)

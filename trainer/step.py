@@ -356,7 +356,7 @@ class TrainStep:
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.optimizer.zero_grad()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             body()
         with torch.no_grad():
             for t, s in zip(self.state_tensors(), saved):

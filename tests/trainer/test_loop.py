@@ -102,3 +102,18 @@ def test_synthetic_run_learns_far_above_chance(tmp_path_factory, tmp_path):
     last = result["last"]
     assert last["ensemble_acc"] >= 40.0, last            # chance is 10%
     assert max(last["test_acc"]) >= 35.0, last
+
+
+def test_progress_bar_and_summary_table_on_a_terminal(data, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=120)
+    cfg = tiny(data, tmp_path / "run", epochs=1, limit_train=64, quiet=False)
+    train(cfg, console=console)
+    text = buf.getvalue()
+    assert "epoch 1/1" in text and "img/s" in text                       # the bar and the line
+    assert "ensemble (mean softmax)" in text and "EMA teacher acc %" in text  # the summary table
+    assert "peer 1 (resnet20)" in text
