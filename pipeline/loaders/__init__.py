@@ -29,7 +29,7 @@ from pipeline.data.manifest import beton_file, load_manifest
 from pipeline.errors import CnmError
 from pipeline.loaders.base import BatchLoader, epoch_permutation, resolve_device
 
-__all__ = ["LOADERS", "CHOICES", "make_loader", "choose_auto", "auto_rule", "BatchLoader", "epoch_permutation"]
+__all__ = ["CHOICES", "LOADERS", "BatchLoader", "auto_rule", "choose_auto", "epoch_permutation", "make_loader"]
 
 # name -> (module, class, optional back-end import name)
 LOADERS: dict[str, tuple[str, str, str | None]] = {

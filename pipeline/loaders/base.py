@@ -41,8 +41,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ class EpochPlan:
     def indices(self, epoch: int) -> torch.Tensor:
         """int64 [num_samples] CPU: the sample indices this rank reads in `epoch`, in order."""
         if not self.shuffle:
-            lo, hi = test_shard_bounds(self.n, self.rank, self.world)
+            lo, _hi = test_shard_bounds(self.n, self.rank, self.world)
             return torch.arange(lo, lo + self.num_samples, dtype=torch.int64)
         perm = epoch_permutation(self.n, self.seed, epoch)
         used = self.shard_size * self.world

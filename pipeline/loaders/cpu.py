@@ -95,7 +95,7 @@ class _Collate:
 class _BatchKeys(Sampler):
     """Batch sampler in the main process: the current epoch's batches as lists of keys."""
 
-    def __init__(self, loader: "CpuLoader"):
+    def __init__(self, loader: CpuLoader):
         self.loader = loader
 
     def __len__(self) -> int:
@@ -133,7 +133,7 @@ class CpuLoader(BatchLoader):
                                      self.seed, self.rank, numpy_aug)
         extra = {}
         if self.num_workers > 0:
-            extra = dict(persistent_workers=True, prefetch_factor=prefetch_factor)
+            extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor}
         self.dataloader = DataLoader(
             self.dataset,
             batch_sampler=_BatchKeys(self),

@@ -164,14 +164,12 @@ class DaliLoader(BatchLoader):
         if self._iterator is None or not self._clean or epoch != self._base_epoch + self._epochs_done:
             self._build(epoch)
         self._clean = False
-        step = 0
-        for out in self._iterator:
+        for step, out in enumerate(self._iterator):
             d = out[0]
             if self.native_augment:
                 yield self._native_batch(d)
             else:
                 yield self._finish(d["images"], d["labels"], epoch, step)
-            step += 1
         self._clean = True
         self._epochs_done += 1
 

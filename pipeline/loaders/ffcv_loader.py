@@ -28,7 +28,6 @@ yielded batch stays valid until that many more batches have been drawn -- clone 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from pipeline.backends import require
 from pipeline.data.manifest import beton_file
@@ -45,7 +44,7 @@ def _shared_order_class():
     class SharedOrder(TraversalOrder):
         # ffcv's Loader accepts a TraversalOrder *instance* and calls it with the loader
         # (`self.traversal_order = order(self)`), so the instance binds itself on call.
-        def __init__(self, plan):  # noqa: D401 - deliberately not calling super().__init__
+        def __init__(self, plan):  # deliberately not calling super().__init__ (no loader yet)
             self.plan = plan
 
         def __call__(self, loader):
@@ -96,9 +95,9 @@ class FfcvLoader(BatchLoader):
         if self.device.type == "cuda":
             image_pipe.append(ToDevice(self.device, non_blocking=True))
             label_pipe.append(ToDevice(self.device, non_blocking=True))
-        args = dict(batch_size=self.batch_size, num_workers=num_workers or default_workers(),
-                    os_cache=os_cache, batches_ahead=batches_ahead,
-                    pipelines={"image": image_pipe, "label": label_pipe})
+        args = {"batch_size": self.batch_size, "num_workers": num_workers or default_workers(),
+                    "os_cache": os_cache, "batches_ahead": batches_ahead,
+                    "pipelines": {"image": image_pipe, "label": label_pipe}}
         n = self.manifest.counts[split]
         plan = self.plan
         ffcv_drop_last = plan.drop_last

@@ -49,7 +49,7 @@ def test_device_augment_equals_the_op_on_the_raw_batch(spec, prepared):
         pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[spec])
     aug = cutnmix()
     epoch, rank, world = 2, 1, 2
-    kw = dict(rank=rank, world=world, order="shared") if spec == "ffcv" else dict(rank=rank, world=world)
+    kw = {"rank": rank, "world": world, "order": "shared"} if spec == "ffcv" else {"rank": rank, "world": world}
     raw = raw_batches("resident", prepared, epoch, rank=rank, world=world)  # the same shared order
     with make_loader(spec, prepared, batch_size=B, seed=SEED, augment=aug, **kw) as loader:
         loader.set_epoch(epoch)

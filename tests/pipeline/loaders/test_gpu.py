@@ -82,7 +82,7 @@ def test_cpu_baseline_delivers_augmented_views_to_cuda(prepared, cuda_device):
     with make_loader("cpu", prepared, batch_size=B, seed=SEED, device=cuda_device, augment=aug,
                      num_workers=2) as loader:
         assert loader.dataloader.pin_memory
-        views, y_a, y_b, lam = next(iter(loader))
+        views, y_a, _y_b, lam = next(iter(loader))
     assert views.device.type == y_a.device.type == lam.device.type == "cuda"
     assert views.shape == (2, B, 3, 32, 32) and views.dtype == torch.bfloat16
 
