@@ -19,6 +19,8 @@ def _default_text(name: str) -> str:
     v = DEFAULTS[name]
     if v is None:
         return "all"
+    if name in ("resume", "quiet"):
+        return "off"
     if isinstance(v, bool):
         return flag_name(name)[2:] if v else "no-" + flag_name(name)[2:]
     return str(v)

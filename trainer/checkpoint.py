@@ -12,6 +12,7 @@ A run directory (`--out RUN`) holds:
 
     format       CHECKPOINT_FORMAT
     config       the resolved config dict (as config.json)
+    requested    the config as requested (`auto`s kept): the base of `--resume`
     epoch        number of finished epochs (the next epoch to run, 0-based)
     global_step  optimiser steps done
     archs        [arch per peer]; num_classes

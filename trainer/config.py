@@ -60,8 +60,7 @@ class TrainConfig:
     data: str = _f(DEFAULT_DATA, "prepared dataset directory (from `cnm prepare`)")
     arch: str = _f("resnet32", "peer architecture, or a comma list for a mixed ensemble "
                    "(e.g. resnet32,wrn20_8)")
-    peers: int | None = _f(None, f"number of peers (default {DEFAULT_PEERS}, or the length of an "
-                           "--arch list)")
+    peers: int | None = _f(None, "number of peers")
     peer_exec: str = _f("auto", "run peers one by one (loop) or as one grouped network; "
                         "auto: grouped on CUDA for a single architecture, else loop", PEER_EXECS)
     # ---- optimisation (SGD, the CIFAR online-KD recipe)
@@ -97,7 +96,7 @@ class TrainConfig:
     seed: int = _f(0, "random seed (initialisation, data order, augmentation)")
     limit_train: int | None = _f(None, "train on the first N training images only (quick runs)")
     # ---- run directory and output
-    out: str | None = _f(None, "run directory (default runs/<arch>-p<P>-<timestamp>)")
+    out: str | None = _f(None, "run directory")
     resume: bool = _f(False, "continue the run in --out from its last.pt")
     quiet: bool = _f(False, "plain log lines instead of progress bars")
 

@@ -146,12 +146,14 @@ def prepare_run(cfg: TrainConfig, explicit: set[str] | None = None) -> tuple[Tra
         raise CnmError(f"{run}: no {ckpt.LAST} to resume from (the run has not finished an epoch, "
                        f"or --out is wrong)")
     state = ckpt.load_checkpoint(last)
-    saved = dict(state["config"])
+    # the settings as requested (with their `auto`s), so a run resumes with the same intent on
+    # another machine; config.json keeps what they resolved to
+    saved = dict(state.get("requested") or state["config"])
     explicit = set(explicit or ())
     if "arch" in explicit and cfg.arch != saved["arch"]:
         raise CnmError(f"--arch {cfg.arch} does not match the checkpoint's {saved['arch']}")
-    if "peers" in explicit and cfg.peers is not None and cfg.peers != saved["peers"]:
-        raise CnmError(f"--peers {cfg.peers} does not match the checkpoint's {saved['peers']}")
+    if "peers" in explicit and cfg.peers is not None and cfg.peers != len(state["archs"]):
+        raise CnmError(f"--peers {cfg.peers} does not match the checkpoint's {len(state['archs'])}")
     merged = {k: v for k, v in saved.items()}
     for k in explicit:
         merged[k] = getattr(cfg, k)
@@ -242,6 +244,7 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
         run.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_json(run / ckpt.CONFIG, config_out)
     config_saved = {k: v for k, v in config_out.items() if k != "_resolved"}
+    requested = {**cfg.to_dict(), "out": str(run), "resume": False}
 
     progress = Progress(epochs=cfg.epochs, quiet=cfg.quiet, enabled=comm.is_main, console=console)
     if state is None:
@@ -292,7 +295,8 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
             rows.append(row)
             ckpt.append_jsonl(run / ckpt.METRICS, row)
             payload = {
-                "format": ckpt.CHECKPOINT_FORMAT, "config": config_saved, "epoch": epoch + 1,
+                "format": ckpt.CHECKPOINT_FORMAT, "config": config_saved, "requested": requested,
+                "epoch": epoch + 1,
                 "global_step": m["global_step"], "archs": list(res.archs), "num_classes": K,
                 "peers": peerset.peer_state_dicts(),
                 "teacher": teacher.module.peer_state_dicts() if teacher is not None else None,

@@ -42,6 +42,11 @@ def reference(data, tmp_path_factory):
     return _strip(ckpt.read_jsonl(run / "metrics.jsonl"))
 
 
+@pytest.fixture(scope="module")
+def reference_run(reference, tmp_path_factory):
+    return next(Path(tmp_path_factory.getbasetemp()).glob("ref*/run"))
+
+
 def test_resume_after_a_stop_equals_uninterrupted(data, reference, tmp_path, monkeypatch):
     import trainer.progress as progress
 
@@ -66,11 +71,18 @@ def test_resume_after_a_stop_equals_uninterrupted(data, reference, tmp_path, mon
     assert _strip(ckpt.read_jsonl(run / "metrics.jsonl")) == reference
 
 
-def test_resume_errors(data, tmp_path):
+def test_resume_errors(data, tmp_path, reference_run):
     with pytest.raises(CnmError, match="no last.pt to resume from"):
         train(tiny(data, tmp_path / "nothing", resume=True))
     with pytest.raises(CnmError, match="--resume needs --out"):
         train(tiny(data, None, resume=True))
+    with pytest.raises(CnmError, match="--arch resnet32 does not match the checkpoint's resnet20"):
+        train(tiny(data, reference_run, resume=True, arch="resnet32"), explicit={"arch", "resume", "out"})
+    with pytest.raises(CnmError, match="--peers 3 does not match the checkpoint's 2"):
+        train(tiny(data, reference_run, resume=True, peers=3), explicit={"peers", "resume", "out"})
+    # resuming a finished run trains nothing and reports its last epoch
+    result = train(tiny(data, reference_run, resume=True), explicit={"resume", "out"})
+    assert result["last"]["epoch"] == EPOCHS
 
 
 def _cli(data, run, *extra):
