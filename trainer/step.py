@@ -158,13 +158,17 @@ class TrainStep:
     [P,B,3,32,32] (the CPU-augment loader). Before steps: `set_lr(x)` and `set_ramp(w)` (host
     floats, written to device tensors). Per epoch: `reset_metrics()`, then `read_metrics()` (the
     one host sync).
+
+    `grad_hook`: an optional callable run between backward and the optimiser step, on the
+    gradients in place (a data-parallel gradient all-reduce); with CUDA graphs the step is then
+    captured as two graphs with the hook replayed eagerly between them.
     """
 
     def __init__(self, peerset: nn.Module, teacher, augment, *, losses: LossSetup,
                  lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True,
                  weight_decay: float = 5e-4, device: str | torch.device = "cpu",
                  bf16: bool = False, channels_last: bool = False, cuda_graphs: bool = False,
-                 seed: int = 0, rank: int = 0):
+                 seed: int = 0, rank: int = 0, grad_hook=None):
         from trainer import losses as L
 
         self.L = L
@@ -182,6 +186,8 @@ class TrainStep:
         self.rank = int(rank)
         self.P = int(getattr(peerset, "peers"))
         dev = self.device
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True   # fixed shapes: autotune once per layer
         self.lr_t = torch.tensor(float(lr), dtype=torch.float32, device=dev)
         self.ramp_t = torch.tensor(0.0, dtype=torch.float32, device=dev)
         self.global_step_t = torch.zeros((), dtype=torch.int64, device=dev)
@@ -195,7 +201,8 @@ class TrainStep:
         self.steps_done = torch.zeros((), dtype=torch.float32, device=dev)
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
         self.generator = torch.Generator(device=dev)
-        self._graph = None
+        self.grad_hook = grad_hook
+        self._graphs: list | None = None
         self._graph_kind = None
         self._static = None
         self._last_lr = float(lr)
@@ -245,8 +252,9 @@ class TrainStep:
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               cache_enabled=not self.cuda_graphs)
 
-    def _body(self, views: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor) -> None:
-        """Forward, losses, backward, SGD, EMA and metric accumulation on device tensors."""
+    def _forward_backward(self, views: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
+                          lam: torch.Tensor) -> None:
+        """Forward, losses, backward and metric accumulation (part A of a step)."""
         L, cfg, P = self.L, self.losses, self.P
         if not self.channels_last:
             views = views.contiguous()
@@ -269,9 +277,6 @@ class TrainStep:
         per_peer = ce + self.ramp_t * (cfg.kd_weight * kd + cfg.fml_weight * fml)
         total = per_peer.sum()
         total.backward()
-        self.optimizer.step()
-        if self.teacher is not None:
-            self.teacher.update(self.global_step_t)
         with torch.no_grad():
             self.loss_sums += torch.stack([total.detach(), ce.detach().sum(), kd.detach().sum(),
                                            fml.detach().sum()])
@@ -283,12 +288,32 @@ class TrainStep:
             self.steps_done += 1
             bad = ~torch.isfinite(total.detach())
             self.bad_step.copy_(torch.where(bad & (self.bad_step < 0), self.epoch_step_t, self.bad_step))
+
+    def _update(self) -> None:
+        """SGD, EMA and the step counters (part B of a step)."""
+        self.optimizer.step()
+        if self.teacher is not None:
+            self.teacher.update(self.global_step_t)
+        with torch.no_grad():
             self.epoch_step_t += 1
             self.global_step_t += 1
 
-    def _raw_body(self, images, labels, params) -> None:
+    def _body(self, views, y_a, y_b, lam) -> None:
+        """One whole step, eager: part A, the gradient hook (if any), part B."""
+        self._forward_backward(views, y_a, y_b, lam)
+        if self.grad_hook is not None:
+            self.grad_hook()
+        self._update()
+
+    def _raw_forward_backward(self, images, labels, params) -> None:
         views, y_a, y_b, lam = self.augment.apply(images, labels, params)
-        self._body(views, y_a, y_b, lam)
+        self._forward_backward(views, y_a, y_b, lam)
+
+    def _raw_body(self, images, labels, params) -> None:
+        self._raw_forward_backward(images, labels, params)
+        if self.grad_hook is not None:
+            self.grad_hook()
+        self._update()
 
     # ------------------------------------------------------------------ public entry points
     def draw(self, batch: int, epoch: int, step: int):
@@ -300,7 +325,7 @@ class TrainStep:
         params = self.draw(images.shape[0], epoch, step)
         if not self.cuda_graphs:
             return self._raw_body(images, labels, params)
-        if self._graph is None:
+        if self._graphs is None:
             self._capture("raw", (images, labels, params))
         st = self._static
         if self._graph_kind != "raw" or images.shape != st[0].shape:
@@ -309,7 +334,7 @@ class TrainStep:
         st[1].copy_(labels)
         for f in _param_fields(params):
             getattr(st[2], f).copy_(getattr(params, f))
-        self._graph.replay()
+        self._replay()
 
     def run_views(self, views: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor) -> None:
         """A step on views augmented elsewhere (the CPU-augment loader)."""
@@ -317,14 +342,22 @@ class TrainStep:
         y_a, y_b, lam = (t.to(self.device, non_blocking=True) for t in (y_a, y_b, lam))
         if not self.cuda_graphs:
             return self._body(views, y_a, y_b, lam)
-        if self._graph is None:
+        if self._graphs is None:
             self._capture("views", (views, y_a, y_b, lam))
         st = self._static
         if self._graph_kind != "views" or views.shape != st[0].shape or views.dtype != st[0].dtype:
             return self._body(views, y_a, y_b, lam)
         for dst, src in zip(st, (views, y_a, y_b, lam)):
             dst.copy_(src)
-        self._graph.replay()
+        self._replay()
+
+    def _replay(self) -> None:
+        if len(self._graphs) == 1:
+            self._graphs[0].replay()
+            return
+        self._graphs[0].replay()
+        self.grad_hook()
+        self._graphs[1].replay()
 
     # ------------------------------------------------------------------ CUDA graph capture
     def state_tensors(self) -> list[torch.Tensor]:
@@ -335,33 +368,54 @@ class TrainStep:
                    self.steps_done, self.bad_step])
 
     def release_graph(self) -> None:
-        """Drop the captured graph and its static buffers (the next step captures again)."""
-        self._graph = self._graph_kind = self._static = None
+        """Drop the captured graph(s) and static buffers (the next step captures again)."""
+        self._graphs = self._graph_kind = self._static = None
+
+    @property
+    def _graph(self):
+        """The (first) captured graph, or None."""
+        return self._graphs[0] if self._graphs else None
 
     def _capture(self, kind: str, example) -> None:
-        torch.backends.cudnn.benchmark = True
+        """Warm up on a side stream, capture, restore the pre-warm-up state.
+
+        Without a gradient hook the whole step is one graph. With one (a collective such as a
+        gradient all-reduce, which runs eagerly), part A (augment .. backward) and part B
+        (optimiser, EMA, counters) are two graphs sharing one memory pool, and the hook runs
+        between their replays."""
         if kind == "raw":
             images, labels, params = example
             static = (images.clone(), labels.clone(), _clone_params(params))
-            body = lambda: self._raw_body(*static)  # noqa: E731
+            part_a = lambda: self._raw_forward_backward(*static)  # noqa: E731
+            whole = lambda: self._raw_body(*static)  # noqa: E731
         else:
             static = tuple(t.clone() for t in example)
-            body = lambda: self._body(*static)  # noqa: E731
+            part_a = lambda: self._forward_backward(*static)  # noqa: E731
+            whole = lambda: self._body(*static)  # noqa: E731
         saved = [t.detach().clone() for t in self.state_tensors()]
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(3):
-                body()
+                whole()
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.optimizer.zero_grad()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            body()
+        graphs = [torch.cuda.CUDAGraph()]
+        if self.grad_hook is None:
+            with torch.cuda.graph(graphs[0], capture_error_mode="thread_local"):
+                whole()
+        else:
+            with torch.cuda.graph(graphs[0], capture_error_mode="thread_local"):
+                part_a()
+            self.grad_hook()
+            graphs.append(torch.cuda.CUDAGraph())
+            with torch.cuda.graph(graphs[1], pool=graphs[0].pool(), capture_error_mode="thread_local"):
+                self._update()
+        torch.cuda.synchronize(self.device)
         with torch.no_grad():
             for t, s in zip(self.state_tensors(), saved):
                 t.copy_(s)
-        self._graph, self._graph_kind, self._static = graph, kind, static
+        self._graphs, self._graph_kind, self._static = graphs, kind, static
 
 
 def _param_fields(params) -> list[str]:

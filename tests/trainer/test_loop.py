@@ -117,3 +117,35 @@ def test_progress_bar_and_summary_table_on_a_terminal(data, tmp_path):
     assert "epoch 1/1" in text and "img/s" in text                       # the bar and the line
     assert "ensemble (mean softmax)" in text and "EMA teacher acc %" in text  # the summary table
     assert "peer 1 (resnet20)" in text
+
+
+@pytest.mark.gpu
+def test_cuda_run_learns_without_host_sync_inside_epochs(tmp_path_factory, tmp_path, monkeypatch, cuda_device):
+    """The CUDA defaults (grouped, bf16, channels-last, CUDA graph, resident loader): from the
+    second epoch on (the first captures the graph) any host sync inside an epoch is an error."""
+    from trainer.step import TrainStep
+
+    data = synthetic_dir(tmp_path_factory.mktemp("learn-gpu"), classes=10, train=2048, test=512)
+    real_ramp, real_read = TrainStep.set_ramp, TrainStep.read_metrics
+    epochs_started = []
+
+    def set_ramp(self, w):
+        real_ramp(self, w)
+        epochs_started.append(w)
+        if len(epochs_started) > 1:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+
+    def read_metrics(self):
+        torch.cuda.set_sync_debug_mode("default")
+        return real_read(self)
+
+    monkeypatch.setattr(TrainStep, "set_ramp", set_ramp)
+    monkeypatch.setattr(TrainStep, "read_metrics", read_metrics)
+    try:
+        result = train(tiny(data, tmp_path / "run", device="auto", epochs=4, batch_size=64, lr=0.05))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["peer_exec"], cfg["bf16"], cfg["channels_last"], cfg["cuda_graphs"]) == ("grouped", "on", "on", "on")
+    assert result["last"]["ensemble_acc"] >= 40.0, result["last"]

@@ -191,6 +191,25 @@ def test_non_finite_loss_is_flagged_with_its_step():
     assert m["bad_step"] == 1
 
 
+def test_grad_hook_runs_between_backward_and_update():
+    """The data-parallel seam: the hook sees this step's gradients before the optimiser uses them."""
+    step = _make(teacher="none")
+    p = step.optimizer.params[0]
+    seen = []
+
+    def hook():
+        seen.append((p.grad is not None, torch.equal(p, before)))
+        for q in step.optimizer.params:
+            q.grad.zero_()                       # no gradient: only weight decay moves the weights
+
+    step.grad_hook = hook
+    before = p.detach().clone()
+    x, y = _batch(0)
+    step(x, y, epoch=0, step=0)
+    assert seen == [(True, True)]
+    torch.testing.assert_close(p.detach(), before * (1 - 0.01 * 5e-4 * (1 + 0.9)), rtol=1e-6, atol=1e-8)
+
+
 def test_bench_factory_runs_on_cpu():
     from trainer.step import build_bench_step
 
@@ -227,6 +246,28 @@ def test_cuda_graph_step_equals_eager(cuda_device, peer_exec):
     me, mg = eager.read_metrics(), graph.read_metrics()
     assert me["steps"] == mg["steps"] == 5 and me["global_step"] == mg["global_step"] == 5
     assert abs(me["loss"] - mg["loss"]) < 1e-3 * abs(me["loss"])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_with_grad_hook_equals_eager(cuda_device):
+    """With a gradient hook the step is two graphs with the hook between them."""
+    torch.backends.cudnn.deterministic = True
+
+    def halve(step):
+        def hook():
+            torch._foreach_mul_([q.grad for q in step.optimizer.params], 0.5)
+        return hook
+
+    eager = _make(peer_exec="grouped", channels_last=True, device="cuda")
+    graph = _make(peer_exec="grouped", channels_last=True, device="cuda", cuda_graphs=True)
+    eager.grad_hook, graph.grad_hook = halve(eager), halve(graph)
+    for i in range(4):
+        x, y = _batch(i, "cuda")
+        eager(x, y, epoch=0, step=i)
+        graph(x, y, epoch=0, step=i)
+    assert len(graph._graphs) == 2
+    torch.cuda.synchronize()
+    _assert_peers_close(_peer_params(eager), _peer_params(graph), atol=1e-4)
 
 
 @pytest.mark.gpu
