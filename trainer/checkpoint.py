@@ -89,7 +89,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CnmError(f"{p}: checkpoint not found")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle of an unknown class, ...
+    except Exception as e:  # noqa: BLE001 -- truncated zip, pickle of an unknown class, ...
         raise CnmError(f"{p}: not a readable cnm checkpoint ({e.__class__.__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CnmError(f"{p}: not a cnm checkpoint (format {CHECKPOINT_FORMAT} expected)")

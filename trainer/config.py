@@ -28,10 +28,12 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+import tomllib
 
 from pipeline.errors import CnmError
 

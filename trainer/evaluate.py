@@ -19,11 +19,11 @@ copied to the device once; correct counts accumulate on the device and are read 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 def normalise(images_u8: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor,
@@ -59,7 +59,7 @@ class Evaluator:
         self.reduce = reduce
 
     @classmethod
-    def from_manifest(cls, manifest, **kw) -> "Evaluator":
+    def from_manifest(cls, manifest, **kw) -> Evaluator:
         images, labels = manifest.load_split("test")
         return cls(images, labels, mean=manifest.mean, std=manifest.std, **kw)
 

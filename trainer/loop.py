@@ -188,6 +188,9 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
     # ---- models, teacher, augmentation, data
     torch.manual_seed(cfg.seed)
     peerset = build_peers(list(res.archs), K, peer_exec=res.peer_exec)
+    if cfg.fml and len(set(peerset.feature_dims)) > 1:
+        raise CnmError(f"--arch {cfg.arch}: feature sizes {peerset.feature_dims} differ, so feature-level "
+                       f"mutual learning is undefined; pass --no-fml")
     if state is not None:
         peerset.load_peer_state_dicts(state["peers"])
     peerset = peerset.to(device)
@@ -254,6 +257,22 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
     else:
         progress.log(f"resuming {run} at epoch {start_epoch + 1}/{cfg.epochs}")
 
+    try:
+        rows, best = _epochs(cfg, res, comm, run, loader, step, evaluator, teacher, peerset, progress,
+                             start_epoch, rows, best, config_saved, requested, K)
+    finally:
+        loader.close()
+    progress.summary(rows, best, str(run), archs=list(res.archs))
+    return {"run": str(run), "epochs": cfg.epochs, "last": rows[-1] if rows else None, "best": best,
+            "rows": rows}
+
+
+def _epochs(cfg, res, comm, run, loader, step, evaluator, teacher, peerset, progress, start_epoch,
+            rows, best, config_saved, requested, K):
+    """The epochs of a run (see the module docstring); returns (metrics rows, best)."""
+    device = step.device
+    host_augment = loader.name == "cpu"
+    steps_per_epoch = len(loader)
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch)
         step.reset_metrics()
@@ -311,9 +330,7 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
                 ckpt.save_checkpoint(run / ckpt.BEST, payload)
         progress.report(row)
         comm.barrier()
-    progress.summary(rows, best, str(run), archs=list(res.archs))
-    return {"run": str(run), "epochs": cfg.epochs, "last": rows[-1] if rows else None, "best": best,
-            "rows": rows}
+    return rows, best
 
 
 def _to_cpu(obj):

@@ -100,8 +100,8 @@ class Progress:
         self._ips = images_per_step
         if not self.enabled or self.quiet:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
-            TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
 
         self._live = LiveLoss(device)
         self._bar = RichProgress(TextColumn(f"epoch {epoch + 1}/{self.epochs}"), BarColumn(),

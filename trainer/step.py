@@ -56,11 +56,11 @@ drops the CUDA graph:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from pipeline.errors import CnmError
 
@@ -184,7 +184,7 @@ class TrainStep:
         self.cuda_graphs = bool(cuda_graphs)
         self.seed = int(seed)
         self.rank = int(rank)
-        self.P = int(getattr(peerset, "peers"))
+        self.P = int(peerset.peers)
         dev = self.device
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True   # fixed shapes: autotune once per layer
@@ -386,12 +386,12 @@ class TrainStep:
         if kind == "raw":
             images, labels, params = example
             static = (images.clone(), labels.clone(), _clone_params(params))
-            part_a = lambda: self._raw_forward_backward(*static)  # noqa: E731
-            whole = lambda: self._raw_body(*static)  # noqa: E731
+            part_a = lambda: self._raw_forward_backward(*static)
+            whole = lambda: self._raw_body(*static)
         else:
             static = tuple(t.clone() for t in example)
-            part_a = lambda: self._forward_backward(*static)  # noqa: E731
-            whole = lambda: self._body(*static)  # noqa: E731
+            part_a = lambda: self._forward_backward(*static)
+            whole = lambda: self._body(*static)
         saved = [t.detach().clone() for t in self.state_tensors()]
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

@@ -54,7 +54,7 @@ def test_help_lists_every_flag(capsys):
 ])
 def test_bad_flags_fail_in_one_line(argv, msg, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_main(["train", *argv], capsys)
+    code, _out, err = run_main(["train", *argv], capsys)
     assert code == 1 and msg in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "runs").exists()
 
@@ -72,7 +72,7 @@ def test_bad_data_and_resume(capsys, tmp_path, data, monkeypatch):
     if not torch.cuda.is_available():
         cases.append((["--data", str(data), "--device", "cuda"], "--device cuda: no CUDA device"))
     for argv, msg in cases:
-        code, out, err = run_main(["train", *argv], capsys)
+        code, _out, err = run_main(["train", *argv], capsys)
         assert code == 1 and msg in err and err.count("\n") == 1, (argv, err)
     assert not (tmp_path / "runs").exists()
 
@@ -95,7 +95,7 @@ def test_unknown_config_key_and_precedence(capsys, tmp_path, data):
 
 def test_subprocess_bad_arch_is_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-m", "cnm", "train", "--arch", "nope"], cwd=tmp_path, env=env,
+    p = subprocess.run([sys.executable, "-m", "cnm", "train", "--arch", "nope"], check=False, cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1
     assert p.stderr.startswith("error: unknown architecture 'nope'") and p.stderr.count("\n") == 1

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from pipeline.errors import CnmError
-from trainer.config import DEFAULTS, FIELDS, TrainConfig, flag_name, load_config_file, make_config, \
-    resolve, resolved_dict
+from trainer.config import (
+    DEFAULTS,
+    FIELDS,
+    TrainConfig,
+    flag_name,
+    load_config_file,
+    make_config,
+    resolve,
+    resolved_dict,
+)
 
 
 def test_defaults_are_the_design_recipe():

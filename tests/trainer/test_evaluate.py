@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from cnm.cli import main
 from pipeline.data.manifest import write_dataset

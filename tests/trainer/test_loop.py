@@ -28,8 +28,8 @@ def synthetic_dir(root, classes=10, train=128, test=64):
 
 
 def tiny(data, out, **kw):
-    base = dict(data=str(data), out=None if out is None else str(out), arch="resnet20", peers=2, batch_size=32, epochs=2,
-                quiet=True, device="cpu")
+    base = {"data": str(data), "out": None if out is None else str(out), "arch": "resnet20", "peers": 2,
+            "batch_size": 32, "epochs": 2, "quiet": True, "device": "cpu"}
     base.update(kw)
     return make_config(None, base)
 
@@ -79,7 +79,7 @@ def test_peers_teacher_and_no_kd_runs_have_no_teacher_columns(data, tmp_path):
 
 
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(data, tmp_path, monkeypatch):
-    import trainer.loop as loop
+    from trainer import loop
 
     real = loop.rampup_weight
     monkeypatch.setattr(loop, "rampup_weight", lambda e, r: float("nan") if e == 1 else real(e, r))
