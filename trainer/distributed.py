@@ -310,6 +310,20 @@ def _flat_groups(tensors: Sequence[torch.Tensor]):
         yield flat, group
 
 
+def _is_dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _memory_order_view(t: torch.Tensor) -> torch.Tensor:
+    """The elements of `t` as a 1-d tensor in memory order: a view for contiguous and
+    channels-last tensors, a (logical-order) copy otherwise."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).view(-1)
+    return t.reshape(-1)
+
+
 def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     """Copy consecutive slices of `flat` into `tensors` (logical element order; any strides)."""
     offset = 0
@@ -424,39 +438,46 @@ class GradAllReduce:
 
     @torch.no_grad()
     def pack(self, grads: Sequence[torch.Tensor | None] | None = None) -> None:
+        """Copy the gradients (default: the parameters' `.grad`) into the flat buffers: one
+        `torch.cat` per buffer, each gradient in its memory order (a view, no copy, for
+        contiguous and channels-last tensors; every rank has the same layouts)."""
         grads = self.grads() if grads is None else grads
         for flat, group in zip(self.flats, self.groups):
-            offset = 0
+            parts = []
             for i in group:
-                n = self.params[i].numel()
                 g = grads[i]
-                if g is None:
-                    flat[offset:offset + n].zero_()
-                else:
-                    flat[offset:offset + n].copy_(g.reshape(-1))
-                offset += n
+                parts.append(torch.zeros(self.params[i].numel(), dtype=flat.dtype, device=flat.device)
+                             if g is None else _memory_order_view(g))
+            torch.cat(parts, out=flat)
 
     def reduce(self) -> None:
+        """All-reduce (SUM) the flat buffers: the collective, on the host's current stream."""
         for flat in self.flats:
             self.comm.all_reduce_sum(flat)
 
     @torch.no_grad()
     def unpack(self, grads: Sequence[torch.Tensor | None] | None = None) -> None:
-        """Write the averaged gradients back (a None `.grad` of a parameter gets a new tensor)."""
+        """Scale the flat buffers by 1/world and copy them back into the gradients (one
+        `_foreach_copy_` per buffer); a parameter whose `.grad` is None gets a new tensor."""
         live = grads is None
         grads = self.grads() if grads is None else grads
         for flat, group in zip(self.flats, self.groups):
             flat.mul_(self.scale)
-            offset = 0
-            for i in group:
-                p, n = self.params[i], self.params[i].numel()
-                src = flat[offset:offset + n].view(p.shape)
-                if grads[i] is None:
+            pieces = flat.split([self.params[i].numel() for i in group])
+            dst, src = [], []
+            for i, piece in zip(group, pieces):
+                g = grads[i]
+                if g is None:
                     if live:
-                        p.grad = src.clone()
-                else:
-                    grads[i].copy_(src)
-                offset += n
+                        self.params[i].grad = piece.view(self.params[i].shape).clone()
+                    continue
+                if _is_dense(g):                       # memory order, as packed
+                    dst.append(_memory_order_view(g))
+                    src.append(piece)
+                else:                                  # an odd layout: logical order, as packed
+                    g.copy_(piece.view(g.shape))
+            if dst:
+                torch._foreach_copy_(dst, src)
 
     def __call__(self) -> None:
         self.pack()
