@@ -432,7 +432,7 @@ def run_pipeline(name: str, builder: Builder, ctx: Context, *, clock: harness.Cl
         "ratio_to_cpu": None,  # filled in by add_ratios once the baseline is known
         "peak_host_mb": _round(mem.peak_host_mb),
         "peak_device_mb": _round(mem.peak_device_mb),
-        "peak_device_used_mb": _round(mem.peak_device_used_mb),
+        "peak_device_growth_mb": _round(mem.peak_device_growth_mb),
         "host_memory_method": mem.host_method,
         "torch_threads": torch.get_num_threads(),
         "repeats": cfg.repeats,

@@ -9,8 +9,9 @@ timings.
 `PeakMemory` records, around a block, the peak host memory (resident set of this process plus
 its worker processes, sampled by a background thread with psutil; without psutil, the
 process-lifetime `ru_maxrss` of self and children) and the peak device memory (the torch CUDA
-caching allocator's `max_memory_allocated`, plus the device-wide used memory from
-`cudaMemGetInfo`, which also sees DALI's and FFCV's own allocations).
+caching allocator's `max_memory_allocated`, plus the growth of the device-wide used memory
+from `cudaMemGetInfo` over the block, which also sees DALI's and FFCV's own allocations and
+leaves out other processes' memory that was already there).
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ class PeakMemory:
 
     After the block: `peak_host_mb` (MiB), `host_method` ("psutil rss, self+children, sampled"
     or "ru_maxrss, process lifetime"), `peak_device_mb` (torch allocator peak, MiB; None on CPU),
-    `peak_device_used_mb` (device-wide used memory peak from cudaMemGetInfo, MiB; None on CPU).
+    `peak_device_growth_mb` (peak growth of the device-wide used memory (cudaMemGetInfo) over its
+    value on entry, MiB; None on CPU).
     """
 
     def __init__(self, device: torch.device | str, interval_s: float = 0.05):
@@ -129,11 +131,12 @@ class PeakMemory:
         self.peak_host_mb: float | None = None
         self.host_method = ""
         self.peak_device_mb: float | None = None
-        self.peak_device_used_mb: float | None = None
+        self.peak_device_growth_mb: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._host_peak = 0
         self._dev_used_peak = 0
+        self._dev_used_start: int | None = None
 
     def _sample(self) -> None:
         rss = host_rss_bytes()
@@ -154,6 +157,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            self._dev_used_start = total - free
         self._sample()
         if _psutil() is not None or self.device.type == "cuda":
             self._thread = threading.Thread(target=self._run, name="cnm-bench-mem", daemon=True)
@@ -174,7 +179,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_device_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-            self.peak_device_used_mb = self._dev_used_peak / 2**20 if self._dev_used_peak else None
+            start = self._dev_used_start or 0
+            self.peak_device_growth_mb = max(self._dev_used_peak - start, 0) / 2**20
 
 
 def cpu_count() -> int:

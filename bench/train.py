@@ -182,7 +182,7 @@ def run_variant(variant: Variant, factory: StepFactory, cfg: TrainBenchConfig, d
         "ratio_to_eager": None,  # filled in by add_ratios
         "peak_host_mb": _round(mem.peak_host_mb),
         "peak_device_mb": _round(mem.peak_device_mb),
-        "peak_device_used_mb": _round(mem.peak_device_used_mb),
+        "peak_device_growth_mb": _round(mem.peak_device_growth_mb),
         "host_memory_method": mem.host_method,
         "torch_threads": torch.get_num_threads(),
         "repeats": cfg.repeats,

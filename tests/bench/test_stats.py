@@ -150,7 +150,7 @@ def test_peak_memory_cpu():
         block.add_(1)
     assert mem.peak_host_mb is not None and mem.peak_host_mb > 8
     assert mem.host_method
-    assert mem.peak_device_mb is None and mem.peak_device_used_mb is None
+    assert mem.peak_device_mb is None and mem.peak_device_growth_mb is None
     assert not math.isnan(mem.peak_host_mb)
 
 
@@ -164,4 +164,4 @@ def test_peak_memory_cuda(cuda_device):
         x = torch.empty(64 * 2**20, dtype=torch.uint8, device=cuda_device)
         del x
     assert mem.peak_device_mb >= 64
-    assert mem.peak_device_used_mb is not None
+    assert mem.peak_device_growth_mb is not None
