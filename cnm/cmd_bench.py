@@ -69,7 +69,7 @@ def _output_options(f):
     f = click.option("--results-dir", type=click.Path(file_okay=False), default=None,
                      help="where --save writes (default: bench/results of this checkout)")(f)
     f = click.option("--save", is_flag=True,
-                     help="also write the JSON to bench/results/<date>-<device>-<commit>.json")(f)
+                     help="also write the JSON to bench/results/<date>-<device>-<commit>[-train].json")(f)
     f = click.option("--json", "json_path", type=click.Path(dir_okay=False),
                      help="write all figures and the environment as JSON to this file")(f)
     return f
