@@ -527,7 +527,7 @@ def run_augment_bench(cfg: AugmentConfig, *, builders: dict[str, Builder] | None
              threads and worker processes left by one pipeline cannot slow down or inflate the
              next one (`cnm bench` does; needs the default builders, clock and sync).
     """
-    from bench.report import environment
+    from bench.report import load_average, environment
 
     cfg.validate()
     if isolate and (builders is not None or sync is not None or clock is not time.perf_counter):
@@ -596,7 +596,7 @@ def run_augment_bench(cfg: AugmentConfig, *, builders: dict[str, Builder] | None
         "bench": "augment",
         "unit": UNIT,
         "baseline": BASELINE,
-        "env": env,
+        "env": env | {"load_average_end": load_average()},
         "config": config,
         "results": results,
     }

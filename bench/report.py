@@ -67,7 +67,7 @@ THREADING_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "NUMB
                   "NUMBA_THREADING_LAYER", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
 
 
-def _loadavg() -> list[float] | None:
+def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
@@ -120,7 +120,7 @@ def environment(device: torch.device | str) -> dict:
         "cpu_count": cpu_count(),
         # the machine's load when the run started: on a shared machine, figures taken under a
         # load above the CPU count are slowed by contention and are not comparable
-        "load_average": _loadavg(),
+        "load_average": load_average(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,

@@ -246,7 +246,7 @@ def run_train_bench(cfg: TrainBenchConfig, *, factory: StepFactory | None = None
              one variant sets (cuDNN autotuning, the CUDA allocator pool, threads) cannot favour
              or penalise the next (`cnm bench train` does).
     """
-    from bench.report import environment
+    from bench.report import load_average, environment
 
     cfg.validate()
     if isolate and (factory is not None or sync is not None or clock is not time.perf_counter):
@@ -288,7 +288,7 @@ def run_train_bench(cfg: TrainBenchConfig, *, factory: StepFactory | None = None
         "unit": ("images/s: training samples per second (each sample's P peer views count as one "
                  "image); ms/step: wall time of one train step"),
         "baseline": "eager-fp32",
-        "env": env,
+        "env": env | {"load_average_end": load_average()},
         "config": config,
         "results": results,
     }
