@@ -56,9 +56,12 @@ def _options(func):
 def train(config_file, **flags):
     """Train P peers with Cut^nMix online distillation (defaults: DESIGN.md's recipe)."""
     from trainer.config import load_config_file, make_config
+    from trainer.distributed import launched
     from trainer.loop import train as run_training
 
     file_values = load_config_file(config_file) if config_file else {}
     given = {k: v for k, v in flags.items() if v is not None}
     cfg = make_config(file_values, given)
-    run_training(cfg, explicit=set(file_values) | set(given))
+    # under torchrun: join the process group (NCCL on CUDA, gloo on the CPU); otherwise one process
+    with launched(cfg.device, cfg.dist_timeout) as comm:
+        run_training(cfg, explicit=set(file_values) | set(given), comm=comm)

@@ -23,6 +23,8 @@ A run directory (`--out RUN`) holds:
     rng          {"torch_cpu": ByteTensor}  (augmentation and data order are re-derived from
                  (seed, epoch, step), so no device generator state needs saving)
     metrics      the last metrics row; best {"epoch", "ensemble_acc"}
+    world        the number of processes that trained it (informative: nothing above depends on
+                 it, so a run resumes with any number of processes; trainer/distributed.py)
 
 Every file is written to a temporary sibling, fsync'ed, then `os.replace`d into place, so a
 `kill -9` at any moment leaves either the old or the new complete file.

@@ -97,6 +97,11 @@ class TrainConfig:
                           "(auto: on for CUDA)", SWITCH)
     seed: int = _f(0, "random seed (initialisation, data order, augmentation)")
     limit_train: int | None = _f(None, "train on the first N training images only (quick runs)")
+    # ---- several processes (torchrun; README "Several GPUs, several machines")
+    sync_bn: bool = _f(False, "synchronise BatchNorm statistics over all processes of a torchrun "
+                       "run (SyncBatchNorm; turns CUDA graphs off); default: per-process BatchNorm")
+    dist_timeout: float = _f(600.0, "seconds a process of a torchrun run waits for the others "
+                             "(forming the group, every collective) before it stops with an error")
     # ---- run directory and output
     out: str | None = _f(None, "run directory")
     resume: bool = _f(False, "continue the run in --out from its last.pt")
@@ -236,6 +241,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
         (cfg.limit_train is None or cfg.limit_train >= 1,
          f"--limit-train must be >= 1, got {cfg.limit_train}"),
+        (cfg.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}"),
         (not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0"),
     ]
     for ok, msg in checks:
@@ -260,8 +266,12 @@ def _switch(value: str, default: bool) -> bool:
     return default if value == "auto" else value == "on"
 
 
-def resolve(cfg: TrainConfig, *, now: _dt.datetime | None = None) -> Resolved:
-    """Turn every `auto` into a concrete choice for this machine (one-line errors)."""
+def resolve(cfg: TrainConfig, *, now: _dt.datetime | None = None, world: int = 1) -> Resolved:
+    """Turn every `auto` into a concrete choice for this machine (one-line errors).
+
+    `world`: the number of training processes. With more than one and `--sync-bn`, CUDA graphs
+    are off (auto) or refused (on): SyncBatchNorm's collectives sit inside the forward and
+    backward, so they would have to be captured in the graph (see trainer/distributed.py)."""
     import torch
 
     validate(cfg)
@@ -282,7 +292,11 @@ def resolve(cfg: TrainConfig, *, now: _dt.datetime | None = None) -> Resolved:
                        f"use --peer-exec loop")
     peer_exec = cfg.peer_exec if cfg.peer_exec != "auto" else (
         "grouped" if on_cuda and single_arch and len(archs) > 1 else "loop")
-    cuda_graphs = _switch(cfg.cuda_graphs, on_cuda)
+    sync_bn_collectives = cfg.sync_bn and world > 1
+    if sync_bn_collectives and cfg.cuda_graphs == "on":
+        raise CnmError("--sync-bn cannot be used with --cuda-graphs on: SyncBatchNorm's collectives "
+                       "would have to be captured in the graph; use --cuda-graphs auto or off")
+    cuda_graphs = _switch(cfg.cuda_graphs, on_cuda and not sync_bn_collectives)
     if cuda_graphs and not on_cuda:
         raise CnmError("--cuda-graphs on needs --device cuda")
     out = cfg.out

@@ -44,14 +44,15 @@ STEP (1-based) of epoch EPOCH (1-based, as in metrics.jsonl): raise an exception
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from pipeline.errors import CnmError
 
@@ -99,8 +100,15 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
+    """`Type: first sentence` of an exception (c10d/gloo source locations dropped)."""
+    import re
+
+    lines = str(e).strip().splitlines()
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", lines[0] if lines else "")
+    text = re.sub(r"\s*Check the logs of the remote worker.*$", "", text).rstrip(". ")
+    if len(text) > 200:
+        text = text[:199].rstrip() + "…"
+    return f"{type(e).__name__}: {text}".strip()
 
 
 # ----------------------------------------------------------------------------- communicators
@@ -174,11 +182,11 @@ class Comm:
         rank 0's CnmError."""
         return fn()
 
-    def grad_all_reduce(self, params: Iterable[nn.Parameter]) -> "GradAllReduce | None":
+    def grad_all_reduce(self, params: Iterable[nn.Parameter]) -> GradAllReduce | None:
         """The gradient averager of the step (None for one process: nothing to average)."""
         return None
 
-    def fault_injector(self) -> "FaultInjector | None":
+    def fault_injector(self) -> FaultInjector | None:
         return FaultInjector.from_env(self.rank)
 
     def close(self) -> None:
@@ -192,22 +200,47 @@ class ProcessGroupComm(Comm):
     a one-line CnmError naming this rank and the operation.
     """
 
-    def __init__(self, rank: int, world: int, local_rank: int, backend: str,
-                 device: torch.device, timeout_s: float, group=None):
+    def __init__(self, rank: int, world: int, local_rank: int, backends: Sequence[str] = ("gloo",),
+                 timeout_s: float = DEFAULT_TIMEOUT_S, group=None, device: str | None = None):
         super().__init__(timeout_s)
         self.rank, self.world, self.local_rank = int(rank), int(world), int(local_rank)
-        self.backend = backend
-        self._device = torch.device(device)
-        self.group = group            # None: the default (world) group
+        self.backends = tuple(backends)   # ("gloo",) or ("gloo", "nccl"): CPU / CUDA tensors
+        self.group = group                # None: the default (world) group
+        self._device: torch.device | None = None
+        if device is not None:
+            self.device(torch.device(device).type)
+
+    @property
+    def backend(self) -> str:
+        """The back-end of the training tensors: nccl on CUDA, gloo on the CPU."""
+        if self._device is None:
+            return "+".join(self.backends)
+        return "nccl" if self._device.type == "cuda" else "gloo"
 
     def device(self, device_type: str) -> torch.device:
-        if device_type != self._device.type:
-            raise CnmError(f"rank {self.rank}: the process group was formed for {self._device.type} "
-                           f"({self.backend}), not {device_type}")
+        """The training device; for CUDA `cuda:LOCAL_RANK`, made the current device (before any
+        NCCL collective, so the communicator binds to it)."""
+        if device_type == "cuda":
+            if "nccl" not in self.backends:
+                raise CnmError(f"rank {self.rank}: training on CUDA needs the NCCL back-end, but the "
+                               f"process group was formed with {'+'.join(self.backends)} only")
+            count = torch.cuda.device_count()
+            if self.local_rank >= count:
+                raise CnmError(f"rank {self.rank}: LOCAL_RANK {self.local_rank} but only {count} CUDA "
+                               f"device(s) are visible; start at most {count} processes per node "
+                               f"(--nproc-per-node)")
+            torch.cuda.set_device(self.local_rank)
+            self._device = torch.device("cuda", self.local_rank)
+        elif device_type == "cpu":
+            if "gloo" not in self.backends:
+                raise CnmError(f"rank {self.rank}: training on the CPU needs the gloo back-end")
+            self._device = torch.device("cpu")
+        else:
+            raise CnmError(f"unsupported device type {device_type!r} for multi-process training")
         return self._device
 
     def describe(self) -> str:
-        return f"{self.world} processes ({self.backend}), rank {self.rank} on {self._device}"
+        return f"{self.world} processes ({self.backend}), rank {self.rank} on {self._device or 'no device yet'}"
 
     # ------------------------------------------------------------------ guarded primitives
     def _guard(self, what: str, fn: Callable, *args, **kwargs):
@@ -258,9 +291,10 @@ class ProcessGroupComm(Comm):
             self.broadcast_tensors(list(module.buffers()))
 
     def barrier(self) -> None:
-        # an all-reduce on the group's device: bounded by the timeout like every collective, and
-        # no NCCL device guessing (dist.barrier on NCCL picks a device by rank)
-        self.all_reduce_sum(torch.zeros(1, device=self._device))
+        # a tiny all-reduce: bounded by the timeout like every collective, and no NCCL device
+        # guessing (dist.barrier on NCCL picks a device by rank)
+        cpu = "gloo" in self.backends or self._device is None
+        self.all_reduce_sum(torch.zeros(1, device="cpu" if cpu else self._device))
 
     def agree(self, error: str | None, what: str = "set-up") -> None:
         import torch.distributed as dist
@@ -286,7 +320,7 @@ class ProcessGroupComm(Comm):
             raise CnmError(error)
         return result
 
-    def grad_all_reduce(self, params: Iterable[nn.Parameter]) -> "GradAllReduce":
+    def grad_all_reduce(self, params: Iterable[nn.Parameter]) -> GradAllReduce:
         return GradAllReduce(params, self)
 
     def close(self) -> None:
@@ -296,7 +330,7 @@ class ProcessGroupComm(Comm):
         if dist.is_initialized():
             try:
                 dist.destroy_process_group(self.group)
-            except Exception:  # noqa: BLE001 - shutting down after a failure; nothing to add
+            except Exception:  # noqa: BLE001, S110 - shutting down after a failure; nothing to add
                 pass
 
 
@@ -336,14 +370,16 @@ def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None
 # ----------------------------------------------------------------------------- start and stop
 
 
-def init_from_env(device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+def init_from_env(device_type: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
                   environ: Mapping[str, str] | None = None) -> Comm:
     """Join the process group torchrun describes; `Comm()` when not launched (or WORLD_SIZE=1).
 
-    device_type "cuda": NCCL, this process on `cuda:LOCAL_RANK` (made the current device);
-    "cpu": gloo. The group must form within `timeout_s` seconds, otherwise a one-line CnmError
-    (which ranks are missing is in torch's message); the same bound holds for every later
-    collective.
+    device_type "cpu": gloo. "cuda" or "auto" where CUDA is available: gloo for CPU tensors and
+    NCCL for CUDA tensors (`"cpu:gloo,cuda:nccl"`), so the training device may still be decided
+    afterwards (a resumed run takes it from rank 0's checkpoint); `comm.device("cuda")` then
+    puts this process on `cuda:LOCAL_RANK`. The group must form within `timeout_s` seconds,
+    otherwise a one-line CnmError (torch's message says which ranks are missing); the same bound
+    holds for every later collective.
     """
     if timeout_s <= 0:
         raise CnmError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
@@ -354,42 +390,70 @@ def init_from_env(device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S,
 
     if not dist.is_available():
         raise CnmError("this torch build has no torch.distributed; multi-process training is unavailable")
-    if device_type == "cuda":
-        if not dist.is_nccl_available():
-            raise CnmError("training on CUDA with several processes needs NCCL, which this torch build lacks")
-        count = torch.cuda.device_count()
-        if env.local_rank >= count:
-            raise CnmError(f"rank {env.rank}: LOCAL_RANK {env.local_rank} but only {count} CUDA device(s) "
-                           f"are visible; start at most {count} processes per node (--nproc-per-node)")
-        torch.cuda.set_device(env.local_rank)
-        device, backend = torch.device("cuda", env.local_rank), "nccl"
-    elif device_type == "cpu":
-        device, backend = torch.device("cpu"), "gloo"
-    else:
-        raise CnmError(f"unsupported device type {device_type!r} for multi-process training")
+    if device_type not in ("auto", "cuda", "cpu"):
+        raise CnmError(f"unsupported device {device_type!r} for multi-process training")
+    cuda = device_type in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda and not dist.is_nccl_available():
+        raise CnmError("training on CUDA with several processes needs NCCL, which this torch build lacks")
+    backends = ("gloo", "nccl") if cuda else ("gloo",)
     if dist.is_initialized():  # the caller formed the group (e.g. a test or an outer framework)
         if dist.get_world_size() != env.world or dist.get_rank() != env.rank:
             raise CnmError("a process group is already initialised with another rank/world size")
-        return ProcessGroupComm(env.rank, env.world, env.local_rank, dist.get_backend(), device, timeout_s)
-    kwargs = dict(backend=backend, init_method="env://", rank=env.rank, world_size=env.world,
-                  timeout=_dt.timedelta(seconds=timeout_s))
-    if backend == "nccl":
-        kwargs["device_id"] = device   # eager NCCL communicator: errors surface here, not later
-    where = f"{env.master_addr}:{env.master_port}"
+        comm = ProcessGroupComm(env.rank, env.world, env.local_rank, backends, timeout_s)
+    else:
+        where = f"{env.master_addr}:{env.master_port}"
+        try:
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", init_method="env://",
+                                    rank=env.rank, world_size=env.world,
+                                    timeout=_dt.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError, dist.DistError) as e:
+            _destroy_quietly()
+            raise CnmError(f"rank {env.rank}: could not form the process group of {env.world} processes "
+                           f"at {where} within {timeout_s:g} s ({_first_line(e)}); start every process "
+                           f"with the same torchrun rendezvous settings") from None
+        comm = ProcessGroupComm(env.rank, env.world, env.local_rank, backends, timeout_s)
     try:
-        dist.init_process_group(**kwargs)
-    except (RuntimeError, ValueError, dist.DistError) as e:
-        _destroy_quietly()
-        raise CnmError(f"rank {env.rank}: could not form the process group of {env.world} processes "
-                       f"at {where} within {timeout_s:g} s ({_first_line(e)}); start every process with "
-                       f"the same torchrun rendezvous settings") from None
-    comm = ProcessGroupComm(env.rank, env.world, env.local_rank, backend, device, timeout_s)
-    try:
+        if device_type == "cuda" and cuda:
+            comm.device("cuda")
         comm.barrier()              # prove that every rank can talk to every other
     except CnmError:
         comm.close()
         raise
     return comm
+
+
+@contextlib.contextmanager
+def launched(device_type: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S):
+    """`with launched(--device, --dist-timeout) as comm:` the communicator of this process
+    (`init_from_env`), left cleanly on success. In a multi-process run an error names the rank
+    it happened on and is recorded for torchrun's failure summary (TORCHELASTIC_ERROR_FILE);
+    the group is not torn down on an error (NCCL's teardown can wait on the failed work), the
+    process just exits."""
+    comm = init_from_env(device_type, timeout_s)
+    try:
+        yield comm
+    except CnmError as e:
+        if comm.world > 1:
+            msg = str(e) if str(e).startswith("rank ") else f"rank {comm.rank}: {e}"
+            _record_for_torchrun(CnmError(msg))
+            raise CnmError(msg) from None
+        raise
+    except Exception as e:
+        if comm.world > 1:
+            _record_for_torchrun(e)
+        raise
+    comm.close()
+
+
+def _record_for_torchrun(e: BaseException) -> None:
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(e)
+    except Exception:  # noqa: BLE001, S110 - a failure summary is a courtesy, never a second error
+        pass
 
 
 def _destroy_quietly() -> None:
@@ -398,7 +462,7 @@ def _destroy_quietly() -> None:
     try:
         if dist.is_initialized():
             dist.destroy_process_group()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001, S110 - the caller reports the original error
         pass
 
 
@@ -590,7 +654,7 @@ class FaultInjector:
     rank: int
 
     @classmethod
-    def from_env(cls, rank: int, environ: Mapping[str, str] | None = None) -> "FaultInjector | None":
+    def from_env(cls, rank: int, environ: Mapping[str, str] | None = None) -> FaultInjector | None:
         spec = (os.environ if environ is None else environ).get(FAULT_ENV, "").strip()
         if not spec:
             return None
@@ -620,6 +684,18 @@ class FaultInjector:
         raise RuntimeError(f"{FAULT_ENV}: injected failure at {where}")
 
 
-__all__ = ["ENV_VARS", "DEFAULT_TIMEOUT_S", "FAULT_ENV", "LaunchEnv", "launch_env", "Comm",
-           "ProcessGroupComm", "init_from_env", "GradAllReduce", "ReferenceSyncBatchNorm",
-           "convert_sync_batchnorm", "FaultInjector"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "ENV_VARS",
+    "FAULT_ENV",
+    "Comm",
+    "FaultInjector",
+    "GradAllReduce",
+    "LaunchEnv",
+    "ProcessGroupComm",
+    "ReferenceSyncBatchNorm",
+    "convert_sync_batchnorm",
+    "init_from_env",
+    "launch_env",
+    "launched",
+]

@@ -22,17 +22,23 @@ the augmentation are pure functions of (seed, epoch, rank, step), so the resumed
 exactly what the uninterrupted run would have done (tests/trainer/test_resume.py). Rows of
 metrics.jsonl after the checkpoint's epoch (written before a crash) are dropped and recomputed.
 
-Processes: `Comm` is the single-process default (rank 0 of 1); a distributed launcher passes one
-whose `all_reduce_sum` sums tensors across ranks (test counts) and whose `rank` selects the
-writer: only rank 0 writes config.json, metrics.jsonl and checkpoints, and prints.
+Processes (torchrun, trainer/distributed.py): `comm` is the single-process `Comm` by default;
+`cnm train` under torchrun passes a `ProcessGroupComm`. Then rank 0 alone reads the checkpoint
+and decides the run directory (its decisions and errors reach every rank), every rank checks
+its data (and that all read the same files), rank 0's weights, EMA and momentum are broadcast,
+gradients are averaged after every backward (`GradAllReduce` as the step's gradient hook),
+`--sync-bn` converts BatchNorm, the epoch's metrics and test counts are summed over ranks,
+rank 0's BatchNorm buffers are broadcast before evaluation, and only rank 0 writes
+config.json, metrics.jsonl and checkpoints, and prints. Checkpoints do not depend on the number
+of processes, so a run resumes with any number (README).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,27 +46,8 @@ import torch
 from pipeline.errors import CnmError
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, make_config, resolve, resolved_dict
+from trainer.distributed import Comm
 from trainer.schedule import lr_at
-
-
-@dataclass
-class Comm:
-    """This process's place among the training processes (single process by default)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of `t` over all processes (identity for one process)."""
-        return t
-
-    def barrier(self) -> None:
-        pass
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -131,6 +118,33 @@ def _check_data(cfg: TrainConfig):
     return man
 
 
+def _data_fingerprint(man) -> str:
+    """The checksums of the files a run reads (every process must read the same data)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(man.files):
+        h.update(f"{name}={man.files[name].get('sha256')};".encode())
+    return h.hexdigest()
+
+
+def _check_data_everywhere(cfg: TrainConfig, comm: Comm):
+    """`_check_data` on every process; a fault on any process (or data that differ from rank
+    0's) stops all of them with the same line."""
+    manifest, error = None, None
+    try:
+        manifest = _check_data(cfg)
+    except CnmError as e:
+        error = str(e)
+    comm.agree(error, "checking the data")
+    if comm.world > 1:
+        mine = _data_fingerprint(manifest)
+        comm.agree(None if comm.broadcast_object(mine) == mine else
+                   f"its data {manifest.root} differ from rank 0's (manifest checksums); every process "
+                   f"must read the same prepared dataset", "checking the data")
+    return manifest
+
+
 # ----------------------------------------------------------------------------- run set-up
 
 
@@ -172,17 +186,32 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
     from trainer.teacher import EMATeacher
 
     comm = comm or Comm()
-    cfg, state = prepare_run(cfg, explicit)
-    res = resolve(cfg)
+    loaded: dict = {}
+
+    def decide_run():
+        """Rank 0: the config to run, the run directory, and what the other ranks need to know
+        of the checkpoint (the tensors themselves are broadcast once the models exist)."""
+        run_cfg, state = prepare_run(cfg, explicit)
+        out = resolve(run_cfg, world=comm.world).out
+        run = Path(out)
+        if state is None and run.exists() and any(
+                (run / n).exists() for n in (ckpt.LAST, ckpt.METRICS, ckpt.CONFIG)):
+            raise CnmError(f"{run}: already holds a run; pass --resume to continue it, or another --out")
+        loaded["state"] = state
+        meta = None if state is None else {k: state.get(k) for k in ("num_classes", "epoch", "global_step",
+                                                                     "best")}
+        return run_cfg, out, meta
+
+    cfg, out, meta = comm.on_main(decide_run, "preparing the run")
+    cfg = dataclasses.replace(cfg, out=out)
+    state = loaded.get("state")          # the checkpoint: on rank 0 only
+    res = resolve(cfg, world=comm.world)
     run = Path(res.out)
-    if state is None and comm.is_main and run.exists() and any(
-            (run / n).exists() for n in (ckpt.LAST, ckpt.METRICS, ckpt.CONFIG)):
-        raise CnmError(f"{run}: already holds a run; pass --resume to continue it, or another --out")
-    manifest = _check_data(cfg)
+    manifest = _check_data_everywhere(cfg, comm)
     K = manifest.num_classes
-    if state is not None and state["num_classes"] != K:
-        raise CnmError(f"{cfg.data}: {K} classes, but the checkpoint was trained on {state['num_classes']}")
-    device = torch.device(res.device)
+    if meta is not None and meta["num_classes"] != K:
+        raise CnmError(f"{cfg.data}: {K} classes, but the checkpoint was trained on {meta['num_classes']}")
+    device = comm.device(res.device)
     P = len(res.archs)
 
     # ---- models, teacher, augmentation, data
@@ -196,10 +225,17 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
     peerset = peerset.to(device)
     if res.channels_last:
         peerset = peerset.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and comm.world > 1:
+        from trainer.distributed import convert_sync_batchnorm
+
+        peerset = convert_sync_batchnorm(peerset, device.type)
     peerset.train()
+    comm.sync_module(peerset)                      # every rank starts from rank 0's weights
     teacher = EMATeacher(peerset, decay=cfg.ema_decay) if cfg.teacher == "ema" else None
     if teacher is not None and state is not None and state.get("teacher") is not None:
         teacher.module.load_peer_state_dicts(state["teacher"])
+    if teacher is not None:
+        comm.sync_module(teacher.module)
     compute_dtype = torch.bfloat16 if res.bf16 else torch.float32
     aug = build_augment(cfg.mix, P, alpha=cfg.alpha, mix_prob=cfg.mix_prob, mean=manifest.mean,
                         std=manifest.std, out_dtype=compute_dtype)
@@ -227,22 +263,28 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
                      weight_decay=cfg.weight_decay, device=device, bf16=res.bf16,
                      channels_last=res.channels_last, cuda_graphs=res.cuda_graphs, seed=cfg.seed,
                      rank=comm.rank)
+    step.grad_hook = comm.grad_all_reduce(step.optimizer.params)   # None for one process
 
     # ---- run directory
     config_out = resolved_dict(cfg, res)
     config_out["_resolved"] = {"loader": loader.name, "num_classes": K, "dataset": manifest.dataset,
                                "train_images": loader.num_samples * comm.world,
                                "steps_per_epoch": steps_per_epoch, "world": comm.world,
+                               "backend": comm.backend,
                                "torch": torch.__version__, "python": platform.python_version(),
                                "hostname": platform.node()}
     start_epoch, rows, best = 0, [], None
-    if state is not None:
-        load_momentum(peerset, step.optimizer, state["optimizer"]["momentum"])
-        step.set_global_step(int(state["global_step"]))
-        start_epoch = int(state["epoch"])
-        best = state.get("best")
+    if meta is not None:
+        if state is not None:
+            load_momentum(peerset, step.optimizer, state["optimizer"]["momentum"])
+        comm.broadcast_tensors(step.optimizer.bufs)
+        step.set_global_step(int(meta["global_step"]))
+        start_epoch = int(meta["epoch"])
+        best = meta.get("best")
         if comm.is_main:
             rows = ckpt.truncate_metrics(run / ckpt.METRICS, start_epoch)
+    state = None                                   # the checkpoint's tensors are in the models now
+    loaded.clear()
     if comm.is_main:
         run.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_json(run / ckpt.CONFIG, config_out)
@@ -250,12 +292,16 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
     requested = {**cfg.to_dict(), "out": str(run), "resume": False}
 
     progress = Progress(epochs=cfg.epochs, quiet=cfg.quiet, enabled=comm.is_main, console=console)
-    if state is None:
+    if meta is None:
         progress.log(f"run {run}: {P} x {','.join(dict.fromkeys(res.archs))} ({res.peer_exec}) on "
                      f"{res.device}, {loader.num_samples * comm.world} train images/epoch via "
                      f"{loader.name}, {cfg.epochs} epochs")
     else:
         progress.log(f"resuming {run} at epoch {start_epoch + 1}/{cfg.epochs}")
+    if comm.world > 1:
+        progress.log(f"{comm.world} processes ({comm.backend}), {cfg.batch_size} images per process and "
+                     f"step (global batch {cfg.batch_size * comm.world})"
+                     + (", synchronised BatchNorm" if cfg.sync_bn else ""))
 
     try:
         rows, best = _epochs(cfg, res, comm, run, loader, step, evaluator, teacher, peerset, progress,
@@ -273,6 +319,7 @@ def _epochs(cfg, res, comm, run, loader, step, evaluator, teacher, peerset, prog
     device = step.device
     host_augment = loader.name == "cpu"
     steps_per_epoch = len(loader)
+    fault = comm.fault_injector()                  # CNM_FAULT testing hook (None normally)
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch)
         step.reset_metrics()
@@ -282,13 +329,15 @@ def _epochs(cfg, res, comm, run, loader, step, evaluator, teacher, peerset, prog
         t0 = time.perf_counter()
         try:
             for i, batch in enumerate(loader):
+                if fault is not None:
+                    fault.check(epoch, i)
                 step.set_lr(lr_at(cfg.schedule, cfg.lr, cfg.epochs, epoch, i, steps_per_epoch))
                 if host_augment:
                     step.run_views(*batch)
                 else:
                     step(batch[0], batch[1], epoch=epoch, step=i)
                 progress.step(i, step.loss_sums[0], step.steps_done)
-            m = step.read_metrics()            # the epoch's one host sync
+            m = step.read_metrics(comm)        # the epoch's one host sync (summed over ranks)
         finally:
             progress.end_epoch()
         epoch_s = time.perf_counter() - t0
@@ -296,6 +345,10 @@ def _epochs(cfg, res, comm, run, loader, step, evaluator, teacher, peerset, prog
             kept = (f"last good checkpoint {run / ckpt.LAST} (epoch {start_epoch if not rows else rows[-1]['epoch']})"
                     if (run / ckpt.LAST).exists() else "no checkpoint was written")
             raise CnmError(f"non-finite loss at epoch {epoch + 1}, step {m['bad_step'] + 1}: stopped; {kept}")
+        # per-rank BatchNorm: evaluate and save rank 0's running statistics on every rank (DDP's
+        # broadcast_buffers), so the ranks' models are identical again
+        comm.sync_buffers(step.peerset)
+        comm.sync_buffers(teacher.module if teacher is not None else None)
         t1 = time.perf_counter()
         acc = evaluator(step.peerset, teacher.module if teacher is not None else None)
         eval_s = time.perf_counter() - t1
@@ -322,7 +375,7 @@ def _epochs(cfg, res, comm, run, loader, step, evaluator, teacher, peerset, prog
                 "optimizer": {"momentum": momentum_to_peer_dicts(peerset, step.optimizer)},
                 "schedule": {"name": cfg.schedule, "lr0": cfg.lr, "epochs": cfg.epochs, "lr": lr0},
                 "rng": {"torch_cpu": torch.get_rng_state()},
-                "metrics": row, "best": best,
+                "metrics": row, "best": best, "world": comm.world,
             }
             payload = _to_cpu(payload)
             ckpt.save_checkpoint(run / ckpt.LAST, payload)

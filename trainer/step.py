@@ -161,7 +161,18 @@ class TrainStep:
 
     `grad_hook`: an optional callable run between backward and the optimiser step, on the
     gradients in place (a data-parallel gradient all-reduce); with CUDA graphs the step is then
-    captured as two graphs with the hook replayed eagerly between them.
+    captured as two graphs with the hook run eagerly between them. A hook that also has
+    `pack(grads)`, `reduce()` and `unpack(grads)` (`trainer.distributed.GradAllReduce`) is split:
+    `pack` is captured at the end of the first graph, `unpack` at the start of the second, and
+    only `reduce()` (the collective) runs between the replays, on the captured gradient tensors.
+
+    Why the all-reduce stays OUTSIDE the graphs (the multi-GPU decision, README "The all-reduce
+    and the CUDA graph"): a collective replayed from a graph is invisible to NCCL's watchdog,
+    so a dead or stuck peer would hang the replay forever instead of failing after
+    --dist-timeout; capturing NCCL also needs NCCL >= 2.9.6 (and, for DDP, a side-stream
+    construction, >= 11 eager warm-up steps and TORCH_NCCL_ASYNC_ERROR_HANDLING=0). The price is
+    one extra graph launch and one NCCL launch per step on the host (~10-20 us), hidden while the
+    host runs ahead of the device (no host sync inside an epoch). Not measured here: no GPU.
     """
 
     def __init__(self, peerset: nn.Module, teacher, augment, *, losses: LossSetup,
@@ -203,6 +214,8 @@ class TrainStep:
         self.generator = torch.Generator(device=dev)
         self.grad_hook = grad_hook
         self._graphs: list | None = None
+        self._graph_grads: list | None = None    # the gradient tensors the graphs use
+        self._eager_since_capture = False
         self._graph_kind = None
         self._static = None
         self._last_lr = float(lr)
@@ -224,23 +237,36 @@ class TrainStep:
             t.zero_()
         self.bad_step.fill_(-1)
 
-    def read_metrics(self) -> dict:
+    def read_metrics(self, comm=None) -> dict:
         """The epoch's accumulated metrics on the host (the one sync of an epoch).
 
         Returns {"loss","ce","kd","fml": mean per step, per-peer terms averaged over peers;
-        "train_acc": [P] lam-weighted accuracy in %; "steps": int; "bad_step": int (-1 if every
-        loss was finite); "global_step": int}.
+        "train_acc": [P] lam-weighted accuracy in %; "steps": int (this process's steps);
+        "bad_step": int (-1 if every loss was finite); "global_step": int}.
+
+        `comm` (a `trainer.distributed.Comm` of several processes): the sums are added over all
+        processes first (losses per step and accuracy over every shard), and `bad_step` is the
+        earliest non-finite step of any process, so every process stops together.
         """
-        packed = torch.cat([self.loss_sums.double(), self.correct.double(), self.seen.double().view(1),
-                            self.steps_done.double().view(1), self.bad_step.double().view(1),
-                            self.global_step_t.double().view(1)]).cpu().tolist()
+        sums_t = torch.cat([self.loss_sums.double(), self.correct.double(), self.seen.double().view(1),
+                            self.steps_done.double().view(1)])
+        bad_t = self.bad_step.clone().view(1)
+        world = 1
+        if comm is not None and comm.world > 1:
+            world = comm.world
+            comm.all_reduce_sum(sums_t)
+            never = torch.iinfo(torch.int64).max
+            bad_t = torch.where(bad_t >= 0, bad_t, torch.full_like(bad_t, never))
+            comm.all_reduce_min(bad_t)
+            bad_t = torch.where(bad_t == never, torch.full_like(bad_t, -1), bad_t)
+        packed = torch.cat([sums_t, bad_t.double(), self.global_step_t.double().view(1)]).cpu().tolist()
         n = len(LOSS_TERMS)
         sums, correct = packed[:n], packed[n:n + self.P]
         seen, steps, bad, gstep = packed[n + self.P:]
         out = {name: (s / max(steps, 1.0)) / (1 if name == "loss" else self.P)
                for name, s in zip(LOSS_TERMS, sums)}
         out["train_acc"] = [100.0 * c / max(seen, 1.0) for c in correct]
-        out["steps"] = int(steps)
+        out["steps"] = round(steps / world)
         out["bad_step"] = int(bad)
         out["global_step"] = int(gstep)
         return out
@@ -329,6 +355,7 @@ class TrainStep:
             self._capture("raw", (images, labels, params))
         st = self._static
         if self._graph_kind != "raw" or images.shape != st[0].shape:
+            self._eager_since_capture = True
             return self._raw_body(images, labels, params)
         st[0].copy_(images)
         st[1].copy_(labels)
@@ -346,6 +373,7 @@ class TrainStep:
             self._capture("views", (views, y_a, y_b, lam))
         st = self._static
         if self._graph_kind != "views" or views.shape != st[0].shape or views.dtype != st[0].dtype:
+            self._eager_since_capture = True
             return self._body(views, y_a, y_b, lam)
         for dst, src in zip(st, (views, y_a, y_b, lam)):
             dst.copy_(src)
@@ -356,7 +384,14 @@ class TrainStep:
             self._graphs[0].replay()
             return
         self._graphs[0].replay()
-        self.grad_hook()
+        if _split_hook(self.grad_hook):
+            self.grad_hook.reduce()            # the collective on the captured flat buffers
+        else:
+            if self._eager_since_capture:      # an eager step re-bound .grad: point it back at
+                for p, g in zip(self.optimizer.params, self._graph_grads):   # the graphs' tensors
+                    p.grad = g
+                self._eager_since_capture = False
+            self.grad_hook()
         self._graphs[1].replay()
 
     # ------------------------------------------------------------------ CUDA graph capture
@@ -405,17 +440,32 @@ class TrainStep:
             with torch.cuda.graph(graphs[0], capture_error_mode="thread_local"):
                 whole()
         else:
+            split = _split_hook(self.grad_hook)
             with torch.cuda.graph(graphs[0], capture_error_mode="thread_local"):
                 part_a()
-            self.grad_hook()
+                if split:
+                    self.grad_hook.pack([p.grad for p in self.optimizer.params])
+            grads = [p.grad for p in self.optimizer.params]
+            if split:
+                self.grad_hook.reduce()
+            else:
+                self.grad_hook()
             graphs.append(torch.cuda.CUDAGraph())
             with torch.cuda.graph(graphs[1], pool=graphs[0].pool(), capture_error_mode="thread_local"):
+                if split:
+                    self.grad_hook.unpack(grads)
                 self._update()
+            self._graph_grads, self._eager_since_capture = grads, False
         torch.cuda.synchronize(self.device)
         with torch.no_grad():
             for t, s in zip(self.state_tensors(), saved):
                 t.copy_(s)
         self._graphs, self._graph_kind, self._static = graphs, kind, static
+
+
+def _split_hook(hook) -> bool:
+    """Whether a gradient hook comes in pack/reduce/unpack parts (GradAllReduce)."""
+    return all(callable(getattr(hook, name, None)) for name in ("pack", "reduce", "unpack"))
 
 
 def _param_fields(params) -> list[str]:

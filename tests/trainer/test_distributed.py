@@ -9,6 +9,7 @@ Two kinds of test, each start of a process costing seconds on a small machine:
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -81,10 +82,10 @@ def gather(comm: D.Comm, t: torch.Tensor) -> list[torch.Tensor]:
 
 def test_launch_env_parsing_and_errors():
     assert D.launch_env({}) is None
-    env = dict(RANK="1", WORLD_SIZE="4", LOCAL_RANK="1", MASTER_ADDR="node0", MASTER_PORT="29500")
+    env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
     assert D.launch_env(env) == D.LaunchEnv(1, 4, 1, "node0", 29500)
     with pytest.raises(CnmError, match="MASTER_ADDR, MASTER_PORT not set"):
-        D.launch_env(dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0"))
+        D.launch_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
     with pytest.raises(CnmError, match="must be integers"):
         D.launch_env({**env, "RANK": "x"})
     with pytest.raises(CnmError, match="0 <= RANK < WORLD_SIZE"):
@@ -114,37 +115,41 @@ def test_fault_injector_spec():
             D.FaultInjector.from_env(1, {D.FAULT_ENV: bad})
 
 
-def test_group_that_cannot_form_fails_with_one_line_within_the_timeout():
-    """WORLD_SIZE=2 but the second process never comes: a clear error after the timeout."""
-    import subprocess
+def test_group_that_cannot_form_fails_with_one_line_within_the_timeout(monkeypatch):
+    """WORLD_SIZE=2 but the second process never comes: a clear error after the timeout, and
+    no half-formed group is left behind."""
     import time
 
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "PYTHONPATH": os.getcwd()}
-    code = ("from trainer.distributed import init_from_env\n"
-            "from pipeline.errors import CnmError\n"
-            "try:\n    init_from_env('cpu', timeout_s=2)\n"
-            "except CnmError as e:\n    print('CNMERROR', e)\n")
+    import torch.distributed as dist
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(k, v)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    elapsed = time.perf_counter() - t0
-    line = [l for l in out.stdout.splitlines() if l.startswith("CNMERROR")]
-    assert line, out.stdout + out.stderr
-    assert "rank 0: could not form the process group of 2 processes at 127.0.0.1" in line[0]
-    assert elapsed < 30
+    with pytest.raises(CnmError) as e:
+        D.init_from_env("cpu", timeout_s=1.5)
+    assert time.perf_counter() - t0 < 20
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("rank 0: could not form the process group of 2 processes "
+                                              "at 127.0.0.1:")
+    assert "within 1.5 s" in msg and not dist.is_initialized()
 
 
 # ----------------------------------------------------------------------------- 2 ranks, spawned
 
 
-def _collectives_worker(rank: int, port: int, data_dir: str) -> None:
-    import torch.distributed as dist
-    import torch.nn as nn
+def _check_collectives(comm: D.Comm, rank: int, data_dir: str) -> None:
+    from torch import nn
 
-    comm = _join(rank, port)
     assert isinstance(comm, D.ProcessGroupComm) and comm.rank == rank and comm.world == WORLD
     assert comm.is_main == (rank == 0) and comm.backend == "gloo"
-    assert comm.device("cpu") == torch.device("cpu")
+    assert comm.device("cpu") == torch.device("cpu") and comm.backend == "gloo"
+    if not torch.cuda.is_available():
+        try:
+            comm.device("cuda")
+            raise AssertionError("cuda accepted by a gloo-only group")
+        except CnmError as e:
+            assert "needs the NCCL back-end" in str(e)
 
     # -- objects, errors seen by one rank only, rank-0-only work
     assert comm.broadcast_object({"run": f"from-{rank}"}) == {"run": "from-0"}
@@ -175,13 +180,17 @@ def _collectives_worker(rank: int, port: int, data_dir: str) -> None:
     w = nn.Parameter(torch.zeros(2, 3, 2, 2).to(memory_format=torch.channels_last))
     v = nn.Parameter(torch.zeros(5, dtype=torch.float64))
     unused = nn.Parameter(torch.zeros(2))
+    odd = nn.Parameter(torch.zeros(4, 3))
     g_w = torch.arange(24.0).view(2, 3, 2, 2) * (rank + 1)
     w.grad = g_w.to(memory_format=torch.channels_last)
     v.grad = torch.full((5,), float(rank), dtype=torch.float64)
-    reducer = comm.grad_all_reduce([w, v, unused])
+    odd.grad = (torch.arange(12.0).view(3, 4) * (rank + 1)).t()      # not dense in any order
+    reducer = comm.grad_all_reduce([w, v, unused, odd])
     assert len(reducer.flats) == 2                       # one flat buffer per dtype
     reducer()
     assert torch.equal(w.grad, torch.arange(24.0).view(2, 3, 2, 2) * 1.5)
+    assert w.grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(odd.grad, torch.arange(12.0).view(3, 4).t() * 1.5)
     assert torch.equal(v.grad, torch.full((5,), 0.5, dtype=torch.float64))
     assert torch.equal(unused.grad, torch.zeros(2))     # a missing gradient counts as zeros
 
@@ -249,12 +258,16 @@ def _collectives_worker(rank: int, port: int, data_dir: str) -> None:
     for key in ("test_acc", "ensemble_acc", "teacher_acc", "teacher_ensemble_acc"):
         assert sharded[key] == pytest.approx(whole[key], abs=1e-9), key
 
-    # -- a rank that stops answering: the others fail within the group's timeout, one line
+
+def _check_timeout(comm: D.Comm, rank: int) -> None:
+    """A rank that stops answering: the others fail within the group's timeout, with one line."""
+    import datetime
     import time
 
-    short = D.ProcessGroupComm(rank, WORLD, rank, "gloo", "cpu", timeout_s=1.5,
-                               group=dist.new_group(backend="gloo",
-                                                    timeout=__import__("datetime").timedelta(seconds=1.5)))
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=1.5))
+    short = D.ProcessGroupComm(rank, WORLD, rank, ("gloo",), timeout_s=1.5, device="cpu", group=group)
     if rank == 0:
         t0 = time.perf_counter()
         try:
@@ -266,9 +279,194 @@ def _collectives_worker(rank: int, port: int, data_dir: str) -> None:
             assert "did not answer within 1.5 s (--dist-timeout)" in msg
         assert time.perf_counter() - t0 < 15
     comm.barrier()                                       # rank 1 never joined the short group's op
+
+
+# ----------------------------------------------------------------------------- the real loop
+
+
+def _gather_equal(comm, tensors) -> bool:
+    return all(torch.equal(*gather(comm, t.detach())) for t in tensors)
+
+
+def _check_loop(comm: D.Comm, data_dir: str, out_root: str) -> None:
+    """Two runs of trainer.loop.train on 2 ranks; checks at every epoch end:
+    - before the end-of-epoch buffer broadcast (`read_metrics`): parameters and EMA parameters
+      identical (averaged gradients), BatchNorm running statistics per rank (different), or
+      identical with --sync-bn;
+    - at evaluation: everything identical (parameters, buffers, EMA teacher)."""
+    import trainer.evaluate as E
+    import trainer.step as S
+    from trainer.config import make_config
+    from trainer.loop import train
+
+    log = []
+    real_read, real_eval = S.TrainStep.read_metrics, E.Evaluator.__call__
+
+    def read_metrics(self, *a, **k):
+        peers, ema = self.peerset, self.teacher.module
+        log.append(("read", _gather_equal(comm, peers.parameters()), _gather_equal(comm, ema.parameters()),
+                    _gather_equal(comm, [b for b in peers.buffers() if b.is_floating_point()]),
+                    any(isinstance(m, D.ReferenceSyncBatchNorm) for m in peers.modules())))
+        return real_read(self, *a, **k)
+
+    def evaluate(self, peerset, teacher=None):
+        log.append(("eval", _gather_equal(comm, list(peerset.state_dict().values())),
+                    _gather_equal(comm, list(teacher.state_dict().values()))))
+        return real_eval(self, peerset, teacher)
+
+    S.TrainStep.read_metrics, E.Evaluator.__call__ = read_metrics, evaluate
+    base = {"data": data_dir, "arch": "resnet20", "peers": 2, "batch_size": 8, "limit_train": 32,
+            "quiet": True, "device": "cpu", "loader": "resident"}
+    train(make_config(None, dict(base, out=f"{out_root}/run", epochs=2)), comm=comm)
+    assert log == [("read", True, True, False, False), ("eval", True, True)] * 2, log
+    log.clear()
+    train(make_config(None, dict(base, out=f"{out_root}/syncbn", epochs=1, sync_bn=True)), comm=comm)
+    assert log == [("read", True, True, True, True), ("eval", True, True)], log
+    S.TrainStep.read_metrics, E.Evaluator.__call__ = real_read, real_eval
+
+
+def _worker(rank: int, port: int, data_dir: str, out_root: str) -> None:
+    comm = _join(rank, port)
+    _check_collectives(comm, rank, data_dir)
+    _check_loop(comm, data_dir, out_root)
+    _check_timeout(comm, rank)                           # last: it leaves a broken subgroup
     comm.close()
 
 
-def test_collectives_grad_sync_sync_bn_sharding_and_eval(tmp_path):
+def test_two_spawned_ranks(tmp_path):
+    """One spawn of 2 ranks (each start costs seconds) for: collectives and their errors,
+    gradient averaging, synchronised BN == BN on the whole batch, every training sample once
+    per epoch across ranks, test accuracy over the whole test split, two real training runs
+    with identical ranks (parameters, EMA, buffers), only rank 0 writing, a bounded timeout."""
+    from trainer import checkpoint as ckpt
+
     data = index_dataset(tmp_path / "data", train=48, test=23)   # uneven test shards
-    spawn(_collectives_worker, str(data))
+    spawn(_worker, str(data), str(tmp_path))
+    run = tmp_path / "run"
+    # only rank 0 wrote: one row per epoch (two writers would have appended each row twice)
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+    rows = ckpt.read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["global_step"] for r in rows] == [2, 4]
+    resolved = json.loads((run / "config.json").read_text())["_resolved"]
+    assert (resolved["world"], resolved["backend"], resolved["train_images"]) == (2, "gloo", 32)
+    state = ckpt.load_checkpoint(run / "last.pt")
+    assert (state["epoch"], state["global_step"], state["world"]) == (2, 4, 2)
+    assert json.loads((tmp_path / "syncbn" / "config.json").read_text())["sync_bn"] is True
+
+
+# ----------------------------------------------------------------------------- torchrun, the CLI
+
+
+def torchrun(args, tmp_path, name, env=None, timeout=180):
+    """`python -m torch.distributed.run --standalone --nproc-per-node 2 -m cnm train ARGS`;
+    per-rank stdout/stderr in files. Returns (returncode, seconds, torchrun's output, logs)."""
+    import subprocess
+    import time
+
+    logs = tmp_path / f"logs-{name}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+           "--log-dir", str(logs), "--redirects", "3", "-m", "cnm", "train", *args]
+    full_env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    full_env.pop(D.FAULT_ENV, None)
+    full_env.update(env or {})
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)
+    elapsed = time.perf_counter() - t0
+
+    def rank_log(rank: int, stream: str) -> str:
+        files = sorted(logs.glob(f"**/attempt_0/{rank}/{stream}.log"))
+        return files[-1].read_text() if files else ""
+
+    return out.returncode, elapsed, out.stdout + out.stderr, rank_log
+
+
+def test_torchrun_cli_trains_fails_cleanly_and_resumes_with_one_process(tmp_path):
+    from trainer import checkpoint as ckpt
+    from trainer.config import make_config
+    from trainer.loop import train
+
+    data = index_dataset(tmp_path / "data", train=40, test=23)
+    run = tmp_path / "run"
+    args = ["--data", str(data), "--out", str(run), "--arch", "resnet20", "--peers", "2", "--batch-size", "8",
+            "--limit-train", "32", "--device", "cpu", "--loader", "resident", "--quiet", "--dist-timeout", "60"]
+    # 1. one epoch on 2 processes: exit 0, rank 0 alone logs and writes
+    rc, _, out, log = torchrun([*args, "--epochs", "1"], tmp_path, "ok")
+    assert rc == 0, out + log(0, "stderr") + log(1, "stderr")
+    assert "2 processes (gloo)" in log(0, "stdout") and log(1, "stdout") == ""
+    assert [r["epoch"] for r in ckpt.read_jsonl(run / "metrics.jsonl")] == [1]
+    # 2. resumed on 2 processes for 2 more epochs, process 1 crashes at epoch 2, step 1: every
+    #    process is gone within seconds, with a clear message; epoch 1's checkpoint is intact
+    rc, elapsed, out, log = torchrun([*args, "--epochs", "3", "--resume"], tmp_path, "fail",
+                                     env={D.FAULT_ENV: "1:2:1"})
+    assert rc != 0 and elapsed < 90, out
+    assert "CNM_FAULT: injected failure at rank 1, epoch 2, step 1" in log(1, "stderr")
+    rank0 = log(0, "stderr")
+    assert rank0 == "" or "error: rank 0: " in rank0, rank0     # killed by torchrun, or its own line
+    assert "Traceback" not in rank0
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+    assert ckpt.load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert [r["epoch"] for r in ckpt.read_jsonl(run / "metrics.jsonl")] == [1]
+    # 3. the world-2 checkpoint continues in one process
+    result = train(make_config(None, {"out": str(run), "resume": True, "epochs": 2, "quiet": True}), explicit={"epochs"})
+    assert [r["epoch"] for r in result["rows"]] == [1, 2]
+    assert result["rows"][-1]["global_step"] == 2 + 4              # 2 steps/epoch on 2 ranks, then 4
+
+
+def test_torchrun_hung_process_makes_the_others_fail_after_the_timeout(tmp_path):
+    data = index_dataset(tmp_path / "data", train=40, test=23)
+    run = tmp_path / "run"
+    args = ["--data", str(data), "--out", str(run), "--arch", "resnet20", "--peers", "2", "--batch-size", "8",
+            "--limit-train", "32", "--device", "cpu", "--loader", "resident", "--quiet", "--epochs", "2", "--dist-timeout", "8"]
+    rc, elapsed, out, log = torchrun(args, tmp_path, "hang", env={D.FAULT_ENV: "1:2:1:hang"})
+    assert rc != 0 and elapsed < 90, out
+    assert "CNM_FAULT: hanging at rank 1, epoch 2, step 1" in log(1, "stderr")
+    lines = [l for l in log(0, "stderr").splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0: all-reduce failed"), log(0, "stderr")
+    assert "did not answer within 8 s (--dist-timeout)" in lines[0]
+    from trainer import checkpoint as ckpt
+
+    assert ckpt.load_checkpoint(run / "last.pt")["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------- the step's seam
+
+
+class _TripleComm(D.Comm):
+    """A stand-in for 2 ranks whose all-reduce returns 3x this rank's values: the average is then
+    1.5x the local gradient, so a pack/unpack that lost or misplaced values shows."""
+
+    world = 2
+
+    def all_reduce_sum(self, t):
+        return t.mul_(3.0)
+
+
+def _steps_agree(device, cuda_graphs):
+    """TrainStep with GradAllReduce (as the loop installs it) == TrainStep with a plain hook
+    that scales the gradients by 1.5; a short batch in the middle runs eagerly."""
+    from tests.trainer.test_step import _assert_peers_close, _batch, _make, _peer_params
+
+    ref = _make(peer_exec="grouped", channels_last=True, device=device)
+    ref.grad_hook = lambda: torch._foreach_mul_([q.grad for q in ref.optimizer.params], 1.5)
+    dp = _make(peer_exec="grouped", channels_last=True, device=device, cuda_graphs=cuda_graphs)
+    dp.grad_hook = D.GradAllReduce(dp.optimizer.params, _TripleComm())
+    for i, b in enumerate((16, 16, 8, 16, 16)):
+        x, y = _batch(i, device, b=b)
+        ref(x, y, epoch=0, step=i)
+        dp(x, y, epoch=0, step=i)
+    if cuda_graphs:
+        assert len(dp._graphs) == 2
+        torch.cuda.synchronize()
+    _assert_peers_close(_peer_params(ref), _peer_params(dp), atol=1e-4 if cuda_graphs else 1e-6)
+
+
+def test_step_with_gradient_averaging_equals_scaled_gradients_cpu():
+    _steps_agree("cpu", cuda_graphs=False)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_around_the_all_reduce_equal_eager(cuda_device):
+    """The two CUDA graphs with pack (end of the first) and unpack (start of the second) captured,
+    the collective replayed eagerly between them, and an eager short batch in the middle."""
+    torch.backends.cudnn.deterministic = True
+    _steps_agree("cuda", cuda_graphs=True)
