@@ -5,9 +5,10 @@ Launch (see the README): `torchrun --nproc-per-node N -m cnm train ...` on one m
 same on every node with torchrun's usual rendezvous flags (`--nnodes`, `--node-rank`,
 `--master-addr`, `--master-port`, or `--rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID`).
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init_from_env` reads
-them and forms the group with `init_method="env://"`: NCCL when training on CUDA (process
-LOCAL_RANK drives `cuda:LOCAL_RANK`), gloo on the CPU. Without those variables, or with
-WORLD_SIZE=1, it returns the single-process `Comm` and nothing changes.
+them and forms the group with `init_method="env://"`: gloo for CPU tensors and, where CUDA is
+available, NCCL for CUDA tensors (one group, `"cpu:gloo,cuda:nccl"`; process LOCAL_RANK trains
+on `cuda:LOCAL_RANK`). Without those variables, or with WORLD_SIZE=1, it returns the
+single-process `Comm` and nothing changes.
 
 What each rank does (the same as DDP, Li et al., "PyTorch Distributed", VLDB 2020):
 
@@ -31,11 +32,14 @@ What each rank does (the same as DDP, Li et al., "PyTorch Distributed", VLDB 202
 - Metrics: counts and sums are all-reduced (`all_reduce_sum`): the test accuracy is the sum of
   the correct counts of every rank's shard of the test split over the split's size.
 - Writes: only rank 0 (`is_main`) writes config.json, metrics.jsonl and checkpoints and prints.
+- Decisions: rank 0 alone reads the checkpoint and picks the run directory (`on_main`: its
+  result, or its error, reaches every rank); checks every rank makes for itself (the config on
+  this machine, the data, the device) go through `everywhere`/`agree`, so an error that only
+  some ranks see (a missing data directory on one node) stops every rank with the same line.
 - Failure: every collective is bounded by `timeout_s` (`--dist-timeout`, the process group's
   timeout) and a failed or timed-out collective becomes a one-line `CnmError` naming this
-  rank; gloo also fails at once when a peer process dies (its sockets close). `agree()` turns
-  an error that only some ranks see during set-up (a missing data directory on one node)
-  into the same error on every rank.
+  rank; gloo also fails at once when a peer process dies (its sockets close), and torchrun
+  stops the other processes of a node when one exits with an error.
 
 Testing hook: `CNM_FAULT="RANK:EPOCH:STEP[:raise|exit|hang]"` makes process RANK fail at step
 STEP (1-based) of epoch EPOCH (1-based, as in metrics.jsonl): raise an exception, exit hard
@@ -176,6 +180,16 @@ class Comm:
         """Raise on every rank if any rank passes an error message (a CnmError naming the ranks)."""
         if error is not None:
             raise CnmError(error)
+
+    def everywhere(self, fn: Callable[[], object], what: str = "set-up"):
+        """Run `fn` on every rank; a CnmError on any rank is raised on all of them (`agree`)."""
+        result, error = None, None
+        try:
+            result = fn()
+        except CnmError as e:
+            error = str(e)
+        self.agree(error, what)
+        return result
 
     def on_main(self, fn: Callable[[], object], what: str = "set-up"):
         """Run `fn` on rank 0 only; every rank gets its (picklable, small) result, or raises

@@ -24,8 +24,8 @@ metrics.jsonl after the checkpoint's epoch (written before a crash) are dropped 
 
 Processes (torchrun, trainer/distributed.py): `comm` is the single-process `Comm` by default;
 `cnm train` under torchrun passes a `ProcessGroupComm`. Then rank 0 alone reads the checkpoint
-and decides the run directory (its decisions and errors reach every rank), every rank checks
-its data (and that all read the same files), rank 0's weights, EMA and momentum are broadcast,
+and decides the settings and the run directory (every rank runs rank 0's settings; its errors
+reach every rank), every rank checks its data (and that all read the same files), rank 0's weights, EMA and momentum are broadcast,
 gradients are averaged after every backward (`GradAllReduce` as the step's gradient hook),
 `--sync-bn` converts BatchNorm, the epoch's metrics and test counts are summed over ranks,
 rank 0's BatchNorm buffers are broadcast before evaluation, and only rank 0 writes
@@ -131,12 +131,7 @@ def _data_fingerprint(man) -> str:
 def _check_data_everywhere(cfg: TrainConfig, comm: Comm):
     """`_check_data` on every process; a fault on any process (or data that differ from rank
     0's) stops all of them with the same line."""
-    manifest, error = None, None
-    try:
-        manifest = _check_data(cfg)
-    except CnmError as e:
-        error = str(e)
-    comm.agree(error, "checking the data")
+    manifest = comm.everywhere(lambda: _check_data(cfg), "checking the data")
     if comm.world > 1:
         mine = _data_fingerprint(manifest)
         comm.agree(None if comm.broadcast_object(mine) == mine else
@@ -205,13 +200,13 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
     cfg, out, meta = comm.on_main(decide_run, "preparing the run")
     cfg = dataclasses.replace(cfg, out=out)
     state = loaded.get("state")          # the checkpoint: on rank 0 only
-    res = resolve(cfg, world=comm.world)
+    res = comm.everywhere(lambda: resolve(cfg, world=comm.world), "resolving the config")
     run = Path(res.out)
     manifest = _check_data_everywhere(cfg, comm)
     K = manifest.num_classes
     if meta is not None and meta["num_classes"] != K:
         raise CnmError(f"{cfg.data}: {K} classes, but the checkpoint was trained on {meta['num_classes']}")
-    device = comm.device(res.device)
+    device = comm.everywhere(lambda: comm.device(res.device), "choosing the device")
     P = len(res.archs)
 
     # ---- models, teacher, augmentation, data

@@ -135,6 +135,19 @@ def test_group_that_cannot_form_fails_with_one_line_within_the_timeout(monkeypat
     assert "within 1.5 s" in msg and not dist.is_initialized()
 
 
+def test_sync_bn_turns_cuda_graphs_off_or_is_refused_with_them(monkeypatch):
+    from trainer.config import make_config, resolve
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)      # resolve() only asks this
+    cfg = make_config(None, {"device": "cuda", "sync_bn": True})
+    assert resolve(cfg, world=1).cuda_graphs                            # one process: nothing to sync
+    assert not resolve(cfg, world=2).cuda_graphs                        # auto -> off
+    with pytest.raises(CnmError, match="--sync-bn cannot be used with --cuda-graphs on"):
+        resolve(make_config(None, {"device": "cuda", "sync_bn": True, "cuda_graphs": "on"}), world=2)
+    with pytest.raises(CnmError, match="--dist-timeout must be > 0"):
+        make_config(None, {"dist_timeout": 0.0})
+
+
 # ----------------------------------------------------------------------------- 2 ranks, spawned
 
 
@@ -165,6 +178,18 @@ def _check_collectives(comm: D.Comm, rank: int, data_dir: str) -> None:
     except CnmError as e:
         assert str(e) == "no last.pt"
     assert comm.on_main(lambda: rank + 10) == 10
+    assert comm.everywhere(lambda: rank + 20) == rank + 20
+
+    def fails_on_rank_1():
+        if rank == 1:
+            raise CnmError("no CUDA here")
+        return 1
+
+    try:
+        comm.everywhere(fails_on_rank_1, "choosing the device")
+        raise AssertionError("everywhere did not raise")
+    except CnmError as e:
+        assert str(e) == "rank 1: no CUDA here"
 
     # -- rank 0's parameters and buffers everywhere (channels-last and int buffers included)
     torch.manual_seed(rank)
@@ -288,7 +313,7 @@ def _gather_equal(comm, tensors) -> bool:
     return all(torch.equal(*gather(comm, t.detach())) for t in tensors)
 
 
-def _check_loop(comm: D.Comm, data_dir: str, out_root: str) -> None:
+def _check_loop(comm: D.Comm, data_dir: str, other_data_dir: str, out_root: str) -> None:
     """Two runs of trainer.loop.train on 2 ranks; checks at every epoch end:
     - before the end-of-epoch buffer broadcast (`read_metrics`): parameters and EMA parameters
       identical (averaged gradients), BatchNorm running statistics per rank (different), or
@@ -323,12 +348,27 @@ def _check_loop(comm: D.Comm, data_dir: str, out_root: str) -> None:
     train(make_config(None, dict(base, out=f"{out_root}/syncbn", epochs=1, sync_bn=True)), comm=comm)
     assert log == [("read", True, True, True, True), ("eval", True, True)], log
     S.TrainStep.read_metrics, E.Evaluator.__call__ = real_read, real_eval
+    # every rank runs rank 0's settings; ranks whose --data directory holds different files
+    # (rank 1's is swapped here) stop together, with one line naming the odd rank, before
+    # anything is written
+    import trainer.loop as L
+    from pipeline.data.manifest import load_manifest
+
+    real_check = L._check_data
+    if comm.rank == 1:
+        L._check_data = lambda cfg: load_manifest(other_data_dir)
+    try:
+        train(make_config(None, dict(base, out=f"{out_root}/mixed", epochs=1)), comm=comm)
+        raise AssertionError("different data accepted")
+    except CnmError as e:
+        assert str(e).startswith("rank 1: its data ") and "differ from rank 0's" in str(e), str(e)
+    L._check_data = real_check
 
 
-def _worker(rank: int, port: int, data_dir: str, out_root: str) -> None:
+def _worker(rank: int, port: int, data_dir: str, other_data_dir: str, out_root: str) -> None:
     comm = _join(rank, port)
     _check_collectives(comm, rank, data_dir)
-    _check_loop(comm, data_dir, out_root)
+    _check_loop(comm, data_dir, other_data_dir, out_root)
     _check_timeout(comm, rank)                           # last: it leaves a broken subgroup
     comm.close()
 
@@ -341,7 +381,9 @@ def test_two_spawned_ranks(tmp_path):
     from trainer import checkpoint as ckpt
 
     data = index_dataset(tmp_path / "data", train=48, test=23)   # uneven test shards
-    spawn(_worker, str(data), str(tmp_path))
+    other = index_dataset(tmp_path / "other", train=44, test=23)
+    spawn(_worker, str(data), str(other), str(tmp_path))
+    assert not (tmp_path / "mixed").exists()
     run = tmp_path / "run"
     # only rank 0 wrote: one row per epoch (two writers would have appended each row twice)
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
