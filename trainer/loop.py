@@ -119,12 +119,16 @@ def _check_data(cfg: TrainConfig):
 
 
 def _data_fingerprint(man) -> str:
-    """The checksums of the files a run reads (every process must read the same data)."""
+    """The manifest checksums of the train and test arrays (every process must read the same
+    data; the optional .beton files are copies of them and may exist on some nodes only)."""
     import hashlib
 
+    from pipeline.data.manifest import images_file, labels_file
+
     h = hashlib.sha256()
-    for name in sorted(man.files):
-        h.update(f"{name}={man.files[name].get('sha256')};".encode())
+    for split in ("train", "test"):
+        for name in (images_file(split), labels_file(split)):
+            h.update(f"{name}={man.files.get(name, {}).get('sha256')};".encode())
     return h.hexdigest()
 
 
