@@ -73,22 +73,27 @@ def choose_auto(data_dir, split: str = "train", device="cpu") -> tuple[str, str]
         raise CnmError(f"{man.root}: no split {split!r} (have: {', '.join(man.counts)})")
     need = man.counts[split] * (32 * 32 * 3 + 8)
     free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 0
-    return auto_rule(dev.type, need, free, backends.available("nvidia.dali"),
-                     backends.available("ffcv") and man.has(beton_file(split)), split)
+    # The back-end checks are passed as callables: importing ffcv or DALI costs seconds (numba
+    # compiles at import), and the rule needs them only when the split does not fit on the GPU.
+    return auto_rule(dev.type, need, free, lambda: backends.available("nvidia.dali"),
+                     lambda: man.has(beton_file(split)) and backends.available("ffcv"), split)
 
 
-def auto_rule(device_type: str, need_bytes: int, free_bytes: int, dali_ok: bool, ffcv_ok: bool,
+def auto_rule(device_type: str, need_bytes: int, free_bytes: int, dali_ok, ffcv_ok,
               split: str = "train") -> tuple[str, str]:
-    """The decision of `choose_auto` from its inputs (a pure function, tested on its own)."""
+    """The decision of `choose_auto` from its inputs (a pure function, tested on its own).
+
+    dali_ok / ffcv_ok: bools, or callables returning one, called only when the rule needs them.
+    """
     if device_type == "cpu":
         return "resident", "on the CPU the in-memory resident loader is the fastest (bench/loader_epoch.py)"
     size = f"the {split} split ({need_bytes / 2**20:.0f} MiB)"
     if need_bytes <= RESIDENT_MAX_FRACTION * free_bytes:
         return "resident", f"{size} fits in free GPU memory ({free_bytes / 2**30:.1f} GiB)"
     reason = f"{size} is too large for free GPU memory ({free_bytes / 2**30:.1f} GiB)"
-    if dali_ok:
+    if dali_ok() if callable(dali_ok) else dali_ok:
         return "dali", reason + "; DALI is installed"
-    if ffcv_ok:
+    if ffcv_ok() if callable(ffcv_ok) else ffcv_ok:
         return "ffcv", reason + "; FFCV is installed and the .beton exists"
     return "cpu", reason + "; neither DALI nor FFCV is usable"
 

@@ -38,6 +38,21 @@ def test_auto_rule_on_cpu_ignores_memory_and_backends():
     assert auto_rule("cpu", CIFAR, 0, True, True)[0] == "resident"
 
 
+def test_auto_rule_asks_for_backends_only_when_it_needs_them():
+    """Checking a back-end imports it (ffcv: seconds of numba compilation): the rule must not
+    when the split is resident, and must when it is not."""
+    asked = []
+
+    def probe(name, answer):
+        return lambda: asked.append(name) or answer
+
+    assert auto_rule("cpu", CIFAR, 0, probe("dali", True), probe("ffcv", True))[0] == "resident"
+    assert auto_rule("cuda", CIFAR, 40 * GIB, probe("dali", True), probe("ffcv", True))[0] == "resident"
+    assert asked == []
+    assert auto_rule("cuda", CIFAR, 2**20, probe("dali", False), probe("ffcv", True))[0] == "ffcv"
+    assert asked == ["dali", "ffcv"]
+
+
 @pytest.mark.gpu
 def test_auto_on_cuda_picks_resident_for_a_small_split(prepared, cuda_device):
     with make_loader("auto", prepared, batch_size=16, device=cuda_device) as loader:
