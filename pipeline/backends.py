@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import sys
 from types import ModuleType
 
 from pipeline.errors import CnmError
@@ -26,11 +27,28 @@ _cache: dict[str, ModuleType | None] = {}
 def optional(name: str) -> ModuleType | None:
     """The imported back-end module, or None if it is missing or fails to import."""
     if name not in _cache:
+        threads = _torch_threads()
         try:
             _cache[name] = importlib.import_module(name)
         except Exception:  # a broken install counts as missing: never crash the caller
             _cache[name] = None
+        finally:
+            _restore_torch_threads(threads)
     return _cache[name]
+
+
+def _torch_threads() -> int | None:
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
+def _restore_torch_threads(threads: int | None) -> None:
+    """Importing ffcv calls `torch.set_num_threads(1)` for the whole process: every CPU op after
+    it (training included) would run on one core, with another summation order than before the
+    import. A back-end import must not change what the rest of the process computes."""
+    torch = sys.modules.get("torch")
+    if threads is not None and torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def available(name: str) -> bool:

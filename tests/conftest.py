@@ -26,12 +26,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+TORCH_THREADS = torch.get_num_threads()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
-    """Every test starts from the same RNG state (python, numpy, torch)."""
+    """Every test starts from the same RNG state (python, numpy, torch) and torch thread count
+    (the thread count changes CPU summation order: a test that changed it must not change what
+    the next one computes)."""
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+    torch.set_num_threads(TORCH_THREADS)
     yield
 
 
