@@ -7,7 +7,7 @@ PCL's "peer mean teacher" (Wu & Gong, AAAI 2021). After every optimiser step
     θ̃ ← decay_t · θ̃ + (1 - decay_t) · θ
 
 for every parameter. `decay_t` is computed ON THE DEVICE from a step tensor and applied with
-`torch._foreach_lerp_`: no `.item()`, no host sync, no Python branch on tensor values, so the
+`torch._foreach_mul_` on a 0-d tensor weight: no `.item()`, no host sync, no Python branch on tensor values, so the
 update can be captured in a CUDA graph. BatchNorm buffers (running mean/var,
 `num_batches_tracked`) are COPIED from the live peers by default (`buffers="copy"`): the common
 choice for EMA teachers evaluated in eval mode; `buffers="ema"` averages the float buffers with
@@ -64,7 +64,6 @@ class EMATeacher(nn.Module):
         # The live peers are held outside the module tree: not in our state_dict, not moved by
         # our .to(); the trainer owns them.
         self.__dict__["_live"] = peerset
-        self._lerp_takes_tensor = True
 
     @property
     def live(self) -> PeerSet:
@@ -99,14 +98,11 @@ class EMATeacher(nn.Module):
         if rest:
             torch._foreach_copy_([e for e, _ in rest], [b for _, b in rest])
 
-    def _lerp(self, ema: list[torch.Tensor], live: list[torch.Tensor], weight: torch.Tensor) -> None:
-        """ema += weight * (live - ema), weight a 0-d tensor."""
-        if self._lerp_takes_tensor:
-            try:
-                torch._foreach_lerp_(ema, live, weight)
-                return
-            except (TypeError, RuntimeError):          # torch without the 0-d tensor overload
-                self._lerp_takes_tensor = False
+    @staticmethod
+    def _lerp(ema: list[torch.Tensor], live: list[torch.Tensor], weight: torch.Tensor) -> None:
+        """ema += weight * (live - ema), `weight` a 0-d device tensor. Not `_foreach_lerp_`: torch
+        (2.13 included) has no Tensor-weight overload of it, so a 0-d weight binds to `Scalar`
+        and calls `.item()`, a host sync that breaks CUDA-graph capture. `_foreach_mul_` has one."""
         diff = torch._foreach_sub(live, ema)
         torch._foreach_mul_(diff, weight)
         torch._foreach_add_(ema, diff)

@@ -150,3 +150,16 @@ def test_update_is_cuda_graph_capturable(cuda_device):
     d = 1 - 1 / 11
     for old, new, cur in zip(before, teacher.module.parameters(), live.parameters()):
         torch.testing.assert_close(new, d * old + (1 - d) * cur, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("buffers", ["copy", "ema"])
+def test_update_makes_no_host_sync(buffers):
+    """The EMA update is captured in the CUDA graph: not one host-syncing op (torch 2.13's
+    `_foreach_lerp_` binds a 0-d tensor weight to `Scalar` and calls `.item()` inside aten)."""
+    from tests.syncdetect import SyncDetector
+
+    teacher = EMATeacher(_peers(), buffers=buffers)
+    step = torch.tensor(3)
+    with SyncDetector() as det:
+        teacher.update(step)
+    assert det.ops == []
