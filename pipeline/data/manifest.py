@@ -24,6 +24,7 @@ import datetime as _dt
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -126,7 +127,33 @@ class Manifest:
                            f"found {images.dtype} {images.shape}")
         if labels.dtype != np.int64 or labels.shape != (n,):
             raise CnmError(f"{self.path(names[1])}: expected int64 ({n},), found {labels.dtype} {labels.shape}")
+        self._check_label_range(labels, self.path(names[1]), label_set)
         return images, labels
+
+    def check_labels(self, split: str, label_set: str | None = None) -> None:
+        """Every label of `split` in [0, num_classes) (one read of the small labels file, checked
+        against its sha256): a wrong label fails here, before any step, not as a device-side
+        assert in the loss or a silently wrong test accuracy."""
+        if split not in self.counts:
+            raise CnmError(f"{self.root}: no split {split!r} (have: {', '.join(self.counts)})")
+        name = labels_file(split, label_set)
+        self.verify([name])
+        try:
+            labels = np.load(self.path(name), allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise CnmError(f"{self.path(name)}: cannot read the labels: {e}") from None
+        if labels.dtype != np.int64 or labels.shape != (self.counts[split],):
+            raise CnmError(f"{self.path(name)}: expected int64 ({self.counts[split]},), "
+                           f"found {labels.dtype} {labels.shape}")
+        self._check_label_range(labels, self.path(name), label_set)
+
+    def _check_label_range(self, labels: np.ndarray, path: Path, label_set: str | None) -> None:
+        k = self.num_classes if label_set is None else int(self.extra_labels[label_set]["num_classes"])
+        bad = np.flatnonzero((labels < 0) | (labels >= k))
+        if len(bad):
+            i = int(bad[0])
+            raise CnmError(f"{path}: label {int(labels[i])} at index {i} is outside 0..{k - 1} "
+                           f"({len(bad)} such labels); re-run `cnm prepare --force`")
 
 
 def load_manifest(data_dir: str | os.PathLike, *, verify: bool = False) -> Manifest:
@@ -173,6 +200,14 @@ def load_manifest(data_dir: str | os.PathLike, *, verify: bool = False) -> Manif
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CnmError(f"{mpath}: malformed manifest ({e.__class__.__name__}: {e}); "
                        f"re-run `cnm prepare --force`") from None
+    if man.num_classes != len(man.class_names) or man.num_classes < 1:
+        raise CnmError(f"{mpath}: num_classes {man.num_classes} does not match the {len(man.class_names)} "
+                       f"class names; re-run `cnm prepare --force`")
+    if len(man.mean) != 3 or len(man.std) != 3 or not all(math.isfinite(v) for v in man.mean + man.std) \
+            or min(man.std) <= 0:
+        raise CnmError(f"{mpath}: channel mean {list(man.mean)} / std {list(man.std)} must be 3 finite "
+                       f"values with std > 0 (a constant channel cannot be normalised); "
+                       f"re-run `cnm prepare --force`")
     if verify:
         man.verify()
     return man
@@ -469,6 +504,9 @@ def write_dataset(
                 _save_npy(tmp / labels_file(split, name), labels)
         say("computing channel statistics and checksums")
         mean, std = channel_stats(splits["train"][0])
+        if min(std) <= 0:
+            raise CnmError(f"train: channel {std.index(min(std))} is constant (std 0), so it cannot be "
+                           f"normalised; nothing was written")
         files = {}
         for p in sorted(tmp.iterdir()):
             files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}

@@ -134,7 +134,8 @@ def test_cnm_eval_cli(checkpoint_run, capsys, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     other = tmp_path / "other"
-    write_dataset(other, {"train": (np.zeros((4, 32, 32, 3), np.uint8), np.arange(4) % 3)},
+    write_dataset(other, {"train": (np.arange(4 * 32 * 32 * 3, dtype=np.uint8).reshape(4, 32, 32, 3),
+                                     np.arange(4) % 3)},
                   dataset="fake", class_names=["a", "b", "c"], beton=False)
     for argv, msg in [([str(tmp_path / "missing")], "no such run directory"),
                       ([str(bad)], "not a readable cnm checkpoint"),
