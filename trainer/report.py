@@ -6,7 +6,7 @@ comparison keeps only the settings that differ between the runs, then every run'
 wall time (training + evaluation time of its finished epochs) and the final and best test
 accuracy of the peer ensemble, the EMA teacher ensemble and every peer. Runs are sorted by final
 peer-ensemble accuracy, best first. The metrics row is described in trainer/loop.py; the run
-directory in trainer/checkpoint.py; how to read an ablation in docs/usage.md#comparing-runs.
+directory in trainer/checkpoint.py; usage in docs/cli.md#cnm-report.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def load_run(path: str | Path) -> Run:
     settings.update({k: resolved.get(k) for k in RESOLVED_COMPARED})
     rows = sorted((r for r in read_jsonl(p / METRICS) if isinstance(r.get("epoch"), int)),
                   key=lambda r: r["epoch"])
-    n_peers = max((len(r.get("test_acc") or []) for r in rows), default=cfg.get("peers") or 0)
+    n_peers = cfg.get("peers") or max((len(r.get("test_acc") or []) for r in rows), default=0)
     return Run(
         path=str(p), label=p.name or str(p), settings=settings, rows=rows, epochs_total=cfg["epochs"],
         wall_s=sum((r.get("epoch_s") or 0.0) + (r.get("eval_s") or 0.0) for r in rows),

@@ -10,7 +10,7 @@ Two parts, so that nothing inside an epoch waits for the device:
   epoch: per-peer and ensemble accuracies, every loss term, lr, ramp weight, images/s, times),
   and the resolved config as hparams (`hparams`).
 
-metrics.jsonl stays the source of truth; the tags are listed in docs/usage.md#tensorboard.
+metrics.jsonl stays the source of truth; the tags are listed in docs/cli.md#tensorboard.
 """
 
 from __future__ import annotations

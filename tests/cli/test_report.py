@@ -119,6 +119,22 @@ def test_a_run_still_going(runs, tmp_path, capsys):
     assert code == 0 and "0/3" in out, err
 
 
+def test_epochs_without_evaluation_are_skipped(runs, tmp_path, capsys):
+    """Rows whose test accuracies are null (an epoch not evaluated) count as done, not measured."""
+    sparse = tmp_path / "sparse"
+    shutil.copytree(runs["cutmix"], sparse)
+    rows = read_jsonl(sparse / "metrics.jsonl")
+    rows[1].update(test_acc=None, ensemble_acc=None)
+    (sparse / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run_main(["report", str(sparse), "--json"], capsys)
+    assert code == 0, err
+    (rec,) = json.loads(out)["runs"]
+    measured = [r["ensemble_acc"] for r in rows if r["ensemble_acc"] is not None]
+    assert rec["epochs_done"] == 3 and rec["ensemble"]["final"] == rows[2]["ensemble_acc"]
+    assert rec["ensemble"]["best"] == max(measured) and rec["ensemble"]["best_epoch"] != 2
+    assert [p["final"] for p in rec["peers"]] == rows[2]["test_acc"]
+
+
 def test_plot_is_a_png_that_opens(runs, tmp_path, capsys):
     image = pytest.importorskip("matplotlib.image")
     png = tmp_path / "curves.png"
