@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot set-up of cnm on a Debian/Ubuntu machine with Python >= 3.10:
-#   bash setup.sh          # .venv with cnm and every back-end (ffcv, DALI, triton)
+#   bash setup.sh          # .venv with cnm, every back-end (ffcv, DALI, triton), matplotlib, tensorboard
 #   bash setup.sh --dev    # ... plus the test tools
 # FFCV needs system libraries (pkg-config, libturbojpeg, OpenCV): installed with apt when run as
 # root, otherwise the exact command is printed and cnm is installed without the ffcv extra.
@@ -10,7 +10,7 @@ cd "$(dirname "$0")"
 VENV=${CNM_VENV:-.venv}
 PY=${PYTHON:-python3}
 TORCH=${CNM_TORCH:-torch==2.13.0}   # pinned: a looser spec pulls a different (huge) build
-extras="ffcv,dali,triton"
+extras="ffcv,dali,triton,plot,tensorboard"
 [ "${1:-}" = "--dev" ] && extras="$extras,dev"
 
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||

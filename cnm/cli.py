@@ -19,6 +19,7 @@ COMMANDS = {
     "info": "cnm.cmd_info:info",
     "train": "cnm.cmd_train:train",
     "eval": "cnm.cmd_eval:eval_",
+    "report": "cnm.cmd_report:report",
     "bench": "cnm.cmd_bench:bench",
 }
 

@@ -1,4 +1,4 @@
-"""Lazy access to the optional back-ends (ffcv, nvidia.dali, triton).
+"""Lazy access to the optional back-ends (ffcv, nvidia.dali, triton, matplotlib, tensorboard).
 
 Nothing here imports a back-end at module import time. `optional(name)` returns the module or
 None (and never raises, whatever the back-end's import does); `require(name)` raises a
@@ -19,6 +19,8 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "ffcv": ("ffcv", "ffcv"),
     "nvidia.dali": ("dali", "nvidia-dali-cuda120"),
     "triton": ("triton", "triton"),
+    "matplotlib": ("plot", "matplotlib"),
+    "tensorboard": ("tensorboard", "tensorboard"),
 }
 
 _cache: dict[str, ModuleType | None] = {}

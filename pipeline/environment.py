@@ -86,20 +86,26 @@ def cuda_info() -> dict:
     return info
 
 
-def _backend(name: str) -> tuple[bool, str]:
-    """(importable, note) of a back-end, with what to do when it is not."""
+def _backend(name: str, import_backends: bool = True) -> tuple[bool | None, str]:
+    """(importable, note) of a back-end, with what to do when it is not. Without
+    `import_backends` an installed back-end is (None, note): its import (seconds for ffcv) is
+    not tried."""
+    extra = backends.BACKENDS[name][0]
+    if not import_backends:
+        if backends.version(name) is None:
+            return False, f"not installed: pip install 'cnm[{extra}]'"
+        return None, f"installed {backends.version(name)}; import not tried (cnm info --check tries it)"
     if backends.available(name):
         return True, ""
-    extra = backends.BACKENDS[name][0]
     if backends.version(name) is None:
         return False, f"not installed: pip install 'cnm[{extra}]'"
     return False, "installed but fails to import"
 
 
-def loaders_info(cuda: bool) -> dict[str, dict]:
-    """{loader: {"usable": bool, "note": str}} for LOADERS."""
-    ffcv_ok, ffcv_note = _backend("ffcv")
-    dali_ok, dali_note = _backend("nvidia.dali")
+def loaders_info(cuda: bool, import_backends: bool = True) -> dict[str, dict]:
+    """{loader: {"usable": bool | None, "note": str}} for LOADERS (None: see `_backend`)."""
+    ffcv_ok, ffcv_note = _backend("ffcv", import_backends)
+    dali_ok, dali_note = _backend("nvidia.dali", import_backends)
     where = "GPU" if cuda else "host"
     return {
         "ffcv": {"usable": ffcv_ok,
@@ -111,10 +117,11 @@ def loaders_info(cuda: bool) -> dict[str, dict]:
     }
 
 
-def kernels_info(cuda: bool) -> dict[str, dict]:
-    """{kernel: {"usable": bool, "note": str}} for KERNELS (implementations of the Cut^nMix op)."""
-    tri_ok, tri_note = _backend("triton")
-    if tri_ok and not cuda:
+def kernels_info(cuda: bool, import_backends: bool = True) -> dict[str, dict]:
+    """{kernel: {"usable": bool | None, "note": str}} for KERNELS (implementations of the Cut^nMix
+    op; None: see `_backend`)."""
+    tri_ok, tri_note = _backend("triton", import_backends)
+    if tri_ok is not False and not cuda:
         if os.environ.get("TRITON_INTERPRET") == "1":
             tri_note = "CPU interpreter (TRITON_INTERPRET=1): correct but slow"
         else:
@@ -126,12 +133,14 @@ def kernels_info(cuda: bool) -> dict[str, dict]:
     }
 
 
-def describe() -> dict:
+def describe(import_backends: bool = True) -> dict:
     """A JSON-able description of this environment (never raises).
 
     Keys: python, platform, packages {name: version | None}, cuda (see `cuda_info`), cpu_count,
     git ({"commit", "dirty"} | None), loaders / kernels ({name: {"usable", "note"}}),
-    usable_loaders / usable_kernels (names, in preference order).
+    usable_loaders / usable_kernels (names, in preference order). `import_backends=False` does
+    not import ffcv, DALI or triton (seconds): an installed one has "usable": None and is not
+    counted as usable.
     """
     out: dict = {"python": platform.python_version(), "executable": sys.executable,
                  "platform": platform.platform(terse=True)}
@@ -149,8 +158,8 @@ def describe() -> dict:
     out["cuda"] = cuda
     out["cpu_count"] = cpu_count()
     out["git"] = git_info()
-    out["loaders"] = loaders_info(cuda["available"])
-    out["kernels"] = kernels_info(cuda["available"])
-    out["usable_loaders"] = [k for k, v in out["loaders"].items() if v["usable"]]
-    out["usable_kernels"] = [k for k, v in out["kernels"].items() if v["usable"]]
+    out["loaders"] = loaders_info(cuda["available"], import_backends)
+    out["kernels"] = kernels_info(cuda["available"], import_backends)
+    out["usable_loaders"] = [k for k, v in out["loaders"].items() if v["usable"] is True]
+    out["usable_kernels"] = [k for k, v in out["kernels"].items() if v["usable"] is True]
     return out

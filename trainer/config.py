@@ -60,7 +60,8 @@ def _f(default, help: str, choices: tuple | None = None, **extra):
 class TrainConfig:
     # ---- data and models
     data: str = _f(DEFAULT_DATA, "prepared dataset directory (from `cnm prepare`)")
-    arch: str = _f("resnet32", "peer architecture, or a comma list for a mixed ensemble "
+    arch: str = _f("resnet32", "peer architecture: resnet20, resnet32, resnet56, resnet110, wrn20_8, "
+                   "vgg16 or densenet40_12; or a comma list, one per peer, for a mixed ensemble "
                    "(e.g. resnet32,wrn20_8)")
     peers: int | None = _f(None, "number of peers")
     peer_exec: str = _f("auto", "run peers one by one (loop) or as one grouped network; "

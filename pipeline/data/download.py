@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import shlex
 import tempfile
 import urllib.error
 import urllib.request
@@ -51,25 +52,29 @@ def default_cache_dir() -> Path:
     return Path(base) / "cnm"
 
 
-def offline_hint(dataset: str) -> str:
+def offline_hint(dataset: str, out: str | os.PathLike | None = None) -> str:
+    """The two ways on without the download, as commands that keep the user's --out."""
     tarball = LAYOUTS[dataset].tarball
-    return (f"download {tarball} yourself and pass it with --source PATH/{tarball}, "
-            f"or use --dataset synthetic to work offline")
+    to = f" --out {shlex.quote(str(out))}" if out is not None else ""
+    return (f"download {tarball} yourself and run: cnm prepare --dataset {dataset} --source PATH/{tarball}{to}; "
+            f"or work offline with: cnm prepare --dataset synthetic{to}")
 
 
 def fetch(dataset: str, *, url: str | None = None, md5: str | None = None, cache_dir: str | Path | None = None,
           progress: bool = True, say: Callable[[str], None] | None = None,
-          timeout: float = TIMEOUT_S) -> Path:
+          timeout: float = TIMEOUT_S, out: str | os.PathLike | None = None) -> Path:
     """Path of the verified official tarball of `dataset` in the cache, downloading it if needed.
 
     Every failure (HTTP error, refused or timed-out connection, a body cut short, a wrong MD5,
-    an unwritable cache) is a one-line CnmError that says how to continue without the download.
+    an unwritable cache) is a one-line CnmError that says how to continue without the download
+    (`out`: the prepared directory asked for, kept in the commands it suggests).
     """
     if dataset not in OFFICIAL:
         raise CnmError(f"--download works for {', '.join(OFFICIAL)}, not {dataset!r}")
     url = url or official_url(dataset)
     md5 = (md5 or expected_md5(dataset)).lower()
     say = say or (lambda msg: None)
+    hint = offline_hint(dataset, out)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / LAYOUTS[dataset].tarball
     if target.is_file():
@@ -82,19 +87,19 @@ def fetch(dataset: str, *, url: str | None = None, md5: str | None = None, cache
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.part-", dir=cache)
     except OSError as e:
         raise CnmError(f"{cache}: cannot write the download cache ({e.strerror or e}); set CNM_CACHE_DIR "
-                       f"to a writable directory, or {offline_hint(dataset)}") from None
+                       f"to a writable directory, or {hint}") from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            got_md5 = _download(url, f, dataset=dataset, progress=progress, say=say, timeout=timeout)
+            got_md5 = _download(url, f, dataset=dataset, hint=hint, progress=progress, say=say, timeout=timeout)
             f.flush()
             os.fsync(f.fileno())
         if got_md5 != md5:
             raise CnmError(f"{url}: the downloaded file has MD5 {got_md5}, expected {md5} (corrupt, or "
-                           f"not the official {LAYOUTS[dataset].tarball}); {offline_hint(dataset)}")
+                           f"not the official {LAYOUTS[dataset].tarball}); {hint}")
         os.replace(tmp, target)
     except OSError as e:  # writing the cache (a full disk) or renaming
-        raise CnmError(f"{tmp}: cannot write the download ({e.strerror or e}); {offline_hint(dataset)}") from None
+        raise CnmError(f"{tmp}: cannot write the download ({e.strerror or e}); {hint}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -102,9 +107,9 @@ def fetch(dataset: str, *, url: str | None = None, md5: str | None = None, cache
     return target
 
 
-def _download(url: str, out, *, dataset: str, progress: bool, say, timeout: float) -> str:
-    """Stream `url` into the open file `out`; returns the MD5 of what was written."""
-    hint = offline_hint(dataset)
+def _download(url: str, out, *, dataset: str, hint: str, progress: bool, say, timeout: float) -> str:
+    """Stream `url` into the open file `out`; returns the MD5 of what was written. Failures are
+    one-line CnmErrors ending with `hint`."""
     h = hashlib.md5()
     req = urllib.request.Request(url, headers={"User-Agent": "cnm-prepare/0.1 (python urllib)"})
     say(f"downloading {url}")

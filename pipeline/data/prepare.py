@@ -128,7 +128,7 @@ def prepare(dataset: str, out: str | os.PathLike | None = None, *, source: str |
     else:
         path = Path(source) if source is not None else None
         if download:
-            path = downloads.fetch(dataset, url=url, cache_dir=cache_dir, progress=progress, say=say)
+            path = downloads.fetch(dataset, url=url, cache_dir=cache_dir, progress=progress, say=say, out=out)
             identity = {**cifar.source_identity(dataset, path), "url": url or downloads.official_url(dataset)}
         say(f"reading and verifying {path}")
         release = cifar.read_cifar(dataset, path, lenient=lenient, warn=_warn, identity=identity)

@@ -4,12 +4,17 @@ optional back-ends (ffcv, DALI, triton) are missing."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from cnm.cli import main
+from cnm.cmd_info import cuda_words
 from pipeline import backends, environment
+
+ROOT = Path(__file__).resolve().parents[2]
 
 HIDDEN = ("ffcv", "nvidia.dali", "nvidia", "triton")
 
@@ -69,7 +74,7 @@ def test_info_table(capsys):
 def test_info_with_backends_hidden(capsys, hidden_backends):
     code, out, err = run(capsys, "info")
     assert code == 0 and "Traceback" not in out + err
-    code, out, _ = run(capsys, "info", "--json")
+    code, out, _ = run(capsys, "info", "--json", "--check")
     env = json.loads(out)
     assert code == 0 and env["usable_loaders"] == ["resident", "cpu"]
     assert env["loaders"]["ffcv"]["usable"] is False and env["loaders"]["dali"]["usable"] is False
@@ -100,3 +105,43 @@ def test_broken_torch_cuda_query_does_not_crash(monkeypatch):
 
 def test_git_info_outside_a_checkout(tmp_path):
     assert environment.git_info(tmp_path) is None
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_info_imports_no_backend_unless_asked(check):
+    """`cnm info` answers without importing ffcv / DALI / triton (ffcv alone takes ~5 s);
+    `--check` imports them to tell whether they work. A fresh process: nothing imported yet."""
+    code = ("import json, sys\nfrom cnm.cli import main\ntry:\n    main(['info', '--json'" + (", '--check'" if check else "")
+            + "])\nexcept SystemExit:\n    pass\nprint(json.dumps([m for m in ('ffcv', 'nvidia.dali', 'triton') "
+              "if m in sys.modules]), file=sys.stderr)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       check=True)
+    imported = json.loads(p.stderr.strip().splitlines()[-1])
+    env = json.loads(p.stdout)
+    installed = [m for m in ("ffcv", "nvidia.dali", "triton") if backends.version(m) is not None]
+    if check:
+        assert set(imported) >= {m for m in installed if backends.available(m)}
+        assert all(row["usable"] in (True, False) for row in env["loaders"].values())
+    else:
+        assert imported == []
+        for loader, name in (("ffcv", "ffcv"), ("dali", "nvidia.dali")):
+            row = env["loaders"][loader]
+            if name in installed:
+                assert row["usable"] is None and "cnm info --check" in row["note"]
+            else:
+                assert row["usable"] is False and "pip install" in row["note"]
+            assert loader not in env["usable_loaders"]
+
+
+def test_cuda_row_in_plain_words():
+    base = {"available": False, "torch_cuda": None, "device_count": 0, "devices": [], "device": None,
+            "capability": None, "bf16": False}
+    assert cuda_words(base, "2.13.0+cpu") == "no: this torch (2.13.0+cpu) is a CPU-only build; cnm trains on the CPU"
+    assert cuda_words({**base, "torch_cuda": "12.4"}, "2.13.0").startswith(
+        "no: torch is built for CUDA 12.4 but sees no GPU")
+    gpus = {**base, "available": True, "torch_cuda": "12.4", "device_count": 2, "devices": ["NVIDIA H200"] * 2,
+            "device": "NVIDIA H200", "capability": "9.0", "bf16": True}
+    assert cuda_words(gpus, "2.13.0") == ("yes, 2 GPUs: NVIDIA H200 (compute capability 9.0, bf16 supported); "
+                                          "torch built for CUDA 12.4")
+    assert cuda_words({**base, "error": "RuntimeError: driver exploded"}, "2.13.0").startswith(
+        "cannot tell: torch fails to query CUDA (RuntimeError: driver exploded)")

@@ -198,6 +198,9 @@ def test_download_failures(server, tmp_path, capsys, monkeypatch, route, words):
     code, stdout, stderr = run_inproc(capsys, "prepare", "--dataset", "cifar10", "--download", "--out", str(out))
     line = assert_one_line_error(code, stdout, stderr, *words)
     assert "--source" in line and "--dataset synthetic" in line
+    # the advice keeps the user's --out
+    assert f"cnm prepare --dataset cifar10 --source PATH/cifar-10-python.tar.gz --out {out};" in line
+    assert line.endswith(f"cnm prepare --dataset synthetic --out {out}")
     assert_no_output(out)
     assert list((tmp_path / "cache").iterdir()) == []
 

@@ -19,6 +19,7 @@ from trainer.config import (
     resolve,
     resolved_dict,
 )
+from trainer.models import MODELS
 
 
 def test_defaults_are_the_design_recipe():
@@ -110,3 +111,8 @@ def test_resolved_config_json_round_trips(tmp_path):
     again = make_config(load_config_file(p))
     assert again.epochs == 3 and again.arch == "resnet20" and again.peers == 3
     assert set(d) - {"_resolved"} == set(DEFAULTS)
+
+
+def test_arch_help_lists_every_architecture():
+    help_text = FIELDS["arch"].metadata["help"]
+    assert all(name in help_text for name in MODELS), help_text
