@@ -92,7 +92,7 @@ def test_launch_env_parsing_and_errors():
         D.launch_env({**env, "RANK": "4"})
     # not launched, or a world of one: the single-process communicator, no process group
     comm = D.init_from_env("cpu", environ={})
-    assert type(comm) is D.Comm and comm.is_main and comm.world == 1 and not comm.distributed
+    assert type(comm) is D.Comm and comm.is_main and comm.world == 1
     assert type(D.init_from_env("cpu", environ={**env, "RANK": "0", "WORLD_SIZE": "1"})) is D.Comm
     t = torch.arange(3.0)
     assert comm.all_reduce_sum(t) is t and comm.broadcast_object({"a": 1}) == {"a": 1}
@@ -166,6 +166,7 @@ def _check_collectives(comm: D.Comm, rank: int, data_dir: str) -> None:
 
     # -- objects, errors seen by one rank only, rank-0-only work
     assert comm.broadcast_object({"run": f"from-{rank}"}) == {"run": "from-0"}
+    assert comm.all_reduce_sum(torch.full((2,), rank + 1.0), block=False).tolist() == [3.0, 3.0]   # CPU: waited
     comm.agree(None)
     try:
         comm.agree("data dir missing" if rank == 1 else None)
@@ -284,26 +285,42 @@ def _check_collectives(comm: D.Comm, rank: int, data_dir: str) -> None:
         assert sharded[key] == pytest.approx(whole[key], abs=1e-9), key
 
 
+GLOO_TIMEOUT_S = 6.0
+
+
 def _check_timeout(comm: D.Comm, rank: int) -> None:
-    """A rank that stops answering: the others fail within the group's timeout, with one line."""
+    """A rank that never joins a collective: the one waiting for it gets the one-line error of
+    the bounded wait after the comm's timeout (1 s), not gloo's own (6 s): the path a hung NCCL
+    collective takes. Receivers wait for broadcasts (a sender may finish alone), so rank 1 waits
+    there and rank 0 elsewhere; each case in its own subgroup, whose stuck work gloo ends later."""
     import datetime
     import time
 
     import torch.distributed as dist
 
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=1.5))
-    short = D.ProcessGroupComm(rank, WORLD, rank, ("gloo",), timeout_s=1.5, device="cpu", group=group)
-    if rank == 0:
+    cases = [("all-reduce", 0, lambda c: c.all_reduce_sum(torch.ones(1))),
+             ("all-reduce", 0, lambda c: c.all_reduce_min(torch.ones(1))),
+             ("checking the data", 0, lambda c: c.agree(None, "checking the data")),
+             ("choosing the device", 0, lambda c: c.everywhere(lambda: 1, "choosing the device")),
+             ("broadcast", 1, lambda c: c.broadcast_tensors([torch.ones(3)])),
+             ("broadcast", 1, lambda c: c.broadcast_object({"a": 1})),
+             ("preparing the run", 1, lambda c: c.on_main(lambda: 1, "preparing the run"))]
+    groups = [dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
+              for _ in cases]
+    for (what, waiter, op), group in zip(cases, groups):
+        if rank != waiter:
+            continue
+        short = D.ProcessGroupComm(rank, WORLD, rank, ("gloo",), timeout_s=1.0, group=group)
         t0 = time.perf_counter()
         try:
-            short.all_reduce_sum(torch.ones(1))
-            raise AssertionError("the collective did not time out")
+            op(short)
+            raise AssertionError(f"{what}: the collective did not time out")
         except CnmError as e:
             msg = str(e)
-            assert "\n" not in msg and msg.startswith("rank 0: all-reduce failed")
-            assert "did not answer within 1.5 s (--dist-timeout)" in msg
-        assert time.perf_counter() - t0 < 15
-    comm.barrier()                                       # rank 1 never joined the short group's op
+            assert "\n" not in msg and msg.startswith(f"rank {rank}: {what} failed (no reply); "), msg
+            assert msg.endswith("did not answer within 1 s (--dist-timeout)"), msg
+        assert time.perf_counter() - t0 < GLOO_TIMEOUT_S
+    comm.barrier()                                       # the other rank never joined those ops
 
 
 # ----------------------------------------------------------------------------- the real loop
@@ -479,7 +496,12 @@ class _TripleComm(D.Comm):
 
     world = 2
 
-    def all_reduce_sum(self, t):
+    def __init__(self):
+        super().__init__()
+        self.blocks = set()
+
+    def all_reduce_sum(self, t, *, block=True):
+        self.blocks.add(block)
         return t.mul_(3.0)
 
 
@@ -491,7 +513,8 @@ def _steps_agree(device, cuda_graphs):
     ref = _make(peer_exec="grouped", channels_last=True, device=device)
     ref.grad_hook = lambda: torch._foreach_mul_([q.grad for q in ref.optimizer.params], 1.5)
     dp = _make(peer_exec="grouped", channels_last=True, device=device, cuda_graphs=cuda_graphs)
-    dp.grad_hook = D.GradAllReduce(dp.optimizer.params, _TripleComm())
+    comm = _TripleComm()
+    dp.grad_hook = D.GradAllReduce(dp.optimizer.params, comm)
     for i, b in enumerate((16, 16, 8, 16, 16)):
         x, y = _batch(i, device, b=b)
         ref(x, y, epoch=0, step=i)
@@ -500,6 +523,7 @@ def _steps_agree(device, cuda_graphs):
         assert len(dp._graphs) == 2
         torch.cuda.synchronize()
     _assert_peers_close(_peer_params(ref), _peer_params(dp), atol=1e-4 if cuda_graphs else 1e-6)
+    assert comm.blocks == {False}                        # the host never waits inside the step
 
 
 def test_step_with_gradient_averaging_equals_scaled_gradients_cpu():
@@ -507,8 +531,7 @@ def test_step_with_gradient_averaging_equals_scaled_gradients_cpu():
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_around_the_all_reduce_equal_eager(cuda_device):
+def test_cuda_graphs_around_the_all_reduce_equal_eager(cuda_device, cuda_fp32_exact):
     """The two CUDA graphs with pack (end of the first) and unpack (start of the second) captured,
     the collective replayed eagerly between them, and an eager short batch in the middle."""
-    torch.backends.cudnn.deterministic = True
     _steps_agree("cuda", cuda_graphs=True)

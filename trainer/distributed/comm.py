@@ -166,12 +166,12 @@ class ProcessGroupComm(Comm):
         except (RuntimeError, ValueError) as e:   # dist.DistError is a RuntimeError
             raise self._error(what, first_line(e)) from None
 
-    def _run(self, what: str, op: Callable, *args, **kwargs) -> None:
-        """Start collective `op` with async_op=True and wait on the host until it completed,
+    def _run(self, what: str, collective: Callable, *args, **kwargs) -> None:
+        """Start `collective` with async_op=True and wait on the host until it completed,
         at most `timeout_s` (polling `is_completed()`: NCCL's `wait()` does not block the host
         and a hung NCCL collective never raises; the same path serves gloo)."""
         with self._failures(what):
-            work = op(*args, group=self.group, async_op=True, **kwargs)
+            work = collective(*args, group=self.group, async_op=True, **kwargs)
             deadline = time.monotonic() + self.timeout_s
             pause = POLL_S[0]
             while not work.is_completed():
