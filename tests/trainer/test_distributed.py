@@ -9,17 +9,33 @@ Two kinds of test, each start of a process costing seconds on a small machine:
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
 
+import trainer.evaluate as E
+import trainer.loop as L
+import trainer.step as S
+from pipeline.data.manifest import load_manifest, write_dataset
 from pipeline.errors import CnmError
+from pipeline.loaders import make_loader
+from trainer import checkpoint as ckpt
 from trainer import distributed as D
+from trainer.config import make_config, resolve
+from trainer.evaluate import Evaluator
+from trainer.loop import train
+from trainer.peers import build_peers
 
 WORLD = 2
 NUM_CLASSES = 4
@@ -36,8 +52,6 @@ def free_port() -> int:
 
 def index_dataset(out, train: int, test: int):
     """A prepared dir whose images encode their index: pixel (0,0) = (i % 256, i // 256, split)."""
-    from pipeline.data.manifest import write_dataset
-
     rng = np.random.default_rng(0)
     splits = {}
     for k, (split, n) in enumerate((("train", train), ("test", test))):
@@ -57,8 +71,6 @@ def decode_index(images: torch.Tensor) -> list[int]:
 
 def spawn(fn, *args, world: int = WORLD) -> None:
     """Run fn(rank, port, *args) in `world` fresh processes; a failing rank fails the test."""
-    import torch.multiprocessing as mp
-
     mp.start_processes(fn, args=(free_port(), *args), nprocs=world, join=True, start_method="spawn")
 
 
@@ -70,8 +82,6 @@ def _join(rank: int, port: int, timeout_s: float = 60.0) -> D.Comm:
 
 
 def gather(comm: D.Comm, t: torch.Tensor) -> list[torch.Tensor]:
-    import torch.distributed as dist
-
     out = [torch.empty_like(t) for _ in range(comm.world)]
     dist.all_gather(out, t.contiguous())
     return out
@@ -118,10 +128,6 @@ def test_fault_injector_spec():
 def test_group_that_cannot_form_fails_with_one_line_within_the_timeout(monkeypatch):
     """WORLD_SIZE=2 but the second process never comes: a clear error after the timeout, and
     no half-formed group is left behind."""
-    import time
-
-    import torch.distributed as dist
-
     for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(k, v)
@@ -136,8 +142,6 @@ def test_group_that_cannot_form_fails_with_one_line_within_the_timeout(monkeypat
 
 
 def test_sync_bn_turns_cuda_graphs_off_or_is_refused_with_them(monkeypatch):
-    from trainer.config import make_config, resolve
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)      # resolve() only asks this
     cfg = make_config(None, {"device": "cuda", "sync_bn": True})
     assert resolve(cfg, world=1).cuda_graphs                            # one process: nothing to sync
@@ -152,8 +156,6 @@ def test_sync_bn_turns_cuda_graphs_off_or_is_refused_with_them(monkeypatch):
 
 
 def _check_collectives(comm: D.Comm, rank: int, data_dir: str) -> None:
-    from torch import nn
-
     assert isinstance(comm, D.ProcessGroupComm) and comm.rank == rank and comm.world == WORLD
     assert comm.is_main == (rank == 0) and comm.backend == "gloo"
     assert comm.device("cpu") == torch.device("cpu") and comm.backend == "gloo"
@@ -251,8 +253,6 @@ def _check_collectives(comm: D.Comm, rank: int, data_dir: str) -> None:
 
     # -- the loaders' sharding: every training sample exactly once per epoch across ranks,
     #    the same number of batches on every rank, a new order every epoch
-    from pipeline.loaders import make_loader
-
     loader = make_loader("resident", data_dir, split="train", batch_size=8, device="cpu", seed=3,
                          rank=rank, world=WORLD)
     n_train = loader.manifest.counts["train"]
@@ -269,10 +269,6 @@ def _check_collectives(comm: D.Comm, rank: int, data_dir: str) -> None:
 
     # -- evaluation over the whole test split: every rank scores its shard, counts are summed;
     #    the result equals a single-process evaluation of the same models
-    from pipeline.data.manifest import load_manifest
-    from trainer.evaluate import Evaluator
-    from trainer.peers import build_peers
-
     man = load_manifest(data_dir)
     torch.manual_seed(0)
     peers = build_peers(["resnet20", "resnet20"], man.num_classes, peer_exec="loop")
@@ -293,11 +289,6 @@ def _check_timeout(comm: D.Comm, rank: int) -> None:
     the bounded wait after the comm's timeout (1 s), not gloo's own (6 s): the path a hung NCCL
     collective takes. Receivers wait for broadcasts (a sender may finish alone), so rank 1 waits
     there and rank 0 elsewhere; each case in its own subgroup, whose stuck work gloo ends later."""
-    import datetime
-    import time
-
-    import torch.distributed as dist
-
     cases = [("all-reduce", 0, lambda c: c.all_reduce_sum(torch.ones(1))),
              ("all-reduce", 0, lambda c: c.all_reduce_min(torch.ones(1))),
              ("checking the data", 0, lambda c: c.agree(None, "checking the data")),
@@ -336,11 +327,6 @@ def _check_loop(comm: D.Comm, data_dir: str, other_data_dir: str, out_root: str)
       identical (averaged gradients), BatchNorm running statistics per rank (different), or
       identical with --sync-bn;
     - at evaluation: everything identical (parameters, buffers, EMA teacher)."""
-    import trainer.evaluate as E
-    import trainer.step as S
-    from trainer.config import make_config
-    from trainer.loop import train
-
     log = []
     real_read, real_eval = S.TrainStep.read_metrics, E.Evaluator.__call__
 
@@ -368,9 +354,6 @@ def _check_loop(comm: D.Comm, data_dir: str, other_data_dir: str, out_root: str)
     # every rank runs rank 0's settings; ranks whose --data directory holds different files
     # (rank 1's is swapped here) stop together, with one line naming the odd rank, before
     # anything is written
-    import trainer.loop as L
-    from pipeline.data.manifest import load_manifest
-
     real_check = L._check_data
     if comm.rank == 1:
         L._check_data = lambda cfg: load_manifest(other_data_dir)
@@ -395,8 +378,6 @@ def test_two_spawned_ranks(tmp_path):
     gradient averaging, synchronised BN == BN on the whole batch, every training sample once
     per epoch across ranks, test accuracy over the whole test split, two real training runs
     with identical ranks (parameters, EMA, buffers), only rank 0 writing, a bounded timeout."""
-    from trainer import checkpoint as ckpt
-
     data = index_dataset(tmp_path / "data", train=48, test=23)   # uneven test shards
     other = index_dataset(tmp_path / "other", train=44, test=23)
     spawn(_worker, str(data), str(other), str(tmp_path))
@@ -419,9 +400,6 @@ def test_two_spawned_ranks(tmp_path):
 def torchrun(args, tmp_path, name, env=None, timeout=180):
     """`python -m torch.distributed.run --standalone --nproc-per-node 2 -m cnm train ARGS`;
     per-rank stdout/stderr in files. Returns (returncode, seconds, torchrun's output, logs)."""
-    import subprocess
-    import time
-
     logs = tmp_path / f"logs-{name}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
            "--log-dir", str(logs), "--redirects", "3", "-m", "cnm", "train", *args]
@@ -440,10 +418,6 @@ def torchrun(args, tmp_path, name, env=None, timeout=180):
 
 
 def test_torchrun_cli_trains_fails_cleanly_and_resumes_with_one_process(tmp_path):
-    from trainer import checkpoint as ckpt
-    from trainer.config import make_config
-    from trainer.loop import train
-
     data = index_dataset(tmp_path / "data", train=40, test=23)
     run = tmp_path / "run"
     args = ["--data", str(data), "--out", str(run), "--arch", "resnet20", "--peers", "2", "--batch-size", "8",
@@ -482,8 +456,6 @@ def test_torchrun_hung_process_makes_the_others_fail_after_the_timeout(tmp_path)
     lines = [l for l in log(0, "stderr").splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith("error: rank 0: all-reduce failed"), log(0, "stderr")
     assert "did not answer within 8 s (--dist-timeout)" in lines[0]
-    from trainer import checkpoint as ckpt
-
     assert ckpt.load_checkpoint(run / "last.pt")["epoch"] == 1
 
 
@@ -508,6 +480,7 @@ class _TripleComm(D.Comm):
 def _steps_agree(device, cuda_graphs):
     """TrainStep with GradAllReduce (as the loop installs it) == TrainStep with a plain hook
     that scales the gradients by 1.5; a short batch in the middle runs eagerly."""
+    # lazy: a helper of another test module, imported only where used
     from tests.trainer.test_step import _assert_peers_close, _batch, _make, _peer_params
 
     ref = _make(peer_exec="grouped", channels_last=True, device=device)
