@@ -33,6 +33,7 @@ from pipeline.loaders import make_loader
 from trainer import checkpoint as ckpt
 from trainer import distributed as D
 from trainer.config import make_config, resolve
+from trainer.distributed import launch
 from trainer.evaluate import Evaluator
 from trainer.loop import train
 from trainer.peers import build_peers
@@ -123,6 +124,68 @@ def test_fault_injector_spec():
     for bad in ("1:2", "a:1:1", "1:1:1:explode"):
         with pytest.raises(CnmError, match="expected RANK:EPOCH:STEP"):
             D.FaultInjector.from_env(1, {D.FAULT_ENV: bad})
+
+
+class _Work:
+    """A stand-in for torch's `Work`: completes after `polls` calls of is_completed (never: None),
+    then `wait()` raises `error` if given."""
+
+    def __init__(self, polls=None, error=None):
+        self.polls, self.error, self.calls = polls, error, 0
+
+    def is_completed(self):
+        self.calls += 1
+        return self.polls is not None and self.calls > self.polls
+
+    def wait(self):
+        if self.error is not None:
+            raise self.error
+
+
+def test_bounded_wait_polls_until_done_and_turns_a_hang_or_failure_into_one_line():
+    """The wait every per-epoch collective goes through (NCCL's `wait()` does not block the host
+    and a hung NCCL collective never raises, so the comm polls `is_completed()` itself)."""
+    comm = D.ProcessGroupComm(0, 2, 0, timeout_s=0.2)
+    started = []
+
+    def collective(work):
+        def start(*args, group, async_op):
+            assert async_op and group is None
+            started.append(args)
+            return work
+        return start
+
+    done = _Work(polls=3)
+    comm._run("all-reduce", collective(done), "t")
+    assert started == [("t",)] and done.calls == 4          # polled until it completed
+    t0 = time.perf_counter()
+    with pytest.raises(CnmError) as e:
+        comm._run("checking the data", collective(_Work(polls=None)))
+    assert time.perf_counter() - t0 >= 0.2
+    assert str(e.value) == ("rank 0: checking the data failed (no reply); another process stopped (see its "
+                            "output) or did not answer within 0.2 s (--dist-timeout)")
+    failed = _Work(polls=0, error=dist.DistBackendError("NCCL error in: x.cpp:1, remote process exited\nmore"))
+    with pytest.raises(CnmError, match=r"^rank 0: broadcast failed \(DistBackendError: NCCL error in: x.cpp:1, "
+                                       r"remote process exited\); another process stopped") as e:
+        comm._run("broadcast", collective(failed))
+    assert "\n" not in str(e.value)
+
+
+def test_nccl_group_is_bound_to_its_device_and_outlives_the_bounded_wait(monkeypatch):
+    """NCCL: `device_id=cuda:LOCAL_RANK` (where that device exists) and a group timeout longer
+    than --dist-timeout, so the bounded wait reports before NCCL's watchdog aborts the process."""
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    launch._form_group(D.LaunchEnv(1, 3, 1, "node0", 29500), cuda=True, timeout_s=8)
+    launch._form_group(D.LaunchEnv(2, 3, 2, "node0", 29500), cuda=True, timeout_s=8)   # no cuda:2
+    launch._form_group(D.LaunchEnv(1, 3, 1, "node0", 29500), cuda=False, timeout_s=8)
+    nccl, missing, gloo = calls
+    assert nccl["backend"] == "cpu:gloo,cuda:nccl" and nccl["device_id"] == torch.device("cuda", 1)
+    assert nccl["timeout"] == datetime.timedelta(seconds=8 + launch.NCCL_WATCHDOG_MARGIN_S)
+    assert missing["device_id"] is None           # comm.device("cuda") then says how many exist
+    assert gloo["backend"] == "gloo" and gloo["device_id"] is None
+    assert gloo["timeout"] == datetime.timedelta(seconds=8)
 
 
 def test_group_that_cannot_form_fails_with_one_line_within_the_timeout(monkeypatch):
