@@ -1,7 +1,8 @@
-"""Shared test set-up: deterministic seeds, the `gpu` marker, Triton's CPU interpreter."""
+"""Shared test set-up: deterministic seeds, the `gpu` marker, Triton's CPU interpreter, exact fp32 on CUDA."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -46,3 +47,34 @@ def cuda_device():
     if not HAS_CUDA:
         pytest.skip("needs a CUDA device")
     return torch.device("cuda")
+
+
+# (module, attribute) of every flag `fp32_exact` sets, in restore order
+FP32_EXACT_FLAGS = {
+    (torch.backends.cuda.matmul, "allow_tf32"): False,   # TF32 matmuls keep 10 mantissa bits
+    (torch.backends.cudnn, "allow_tf32"): False,          # ... and so do TF32 convolutions
+    (torch.backends.cudnn, "deterministic"): True,        # one algorithm per shape, every time
+    (torch.backends.cudnn, "benchmark"): False,           # no timing-based algorithm choice
+}
+
+
+@contextlib.contextmanager
+def fp32_exact():
+    """float32 on CUDA as float32: TF32 off for matmuls and cuDNN, deterministic cuDNN
+    algorithms; every flag restored on exit (also on an error)."""
+    saved = {key: getattr(*key) for key in FP32_EXACT_FLAGS}
+    try:
+        for (module, name), value in FP32_EXACT_FLAGS.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
+
+
+@pytest.fixture
+def cuda_fp32_exact():
+    """For tests that compare two float32 CUDA computations (different cuDNN algorithms, a graph
+    against eager): TF32 off and deterministic cuDNN for the test, the flags restored after."""
+    with fp32_exact():
+        yield

@@ -9,17 +9,34 @@ Two kinds of test, each start of a process costing seconds on a small machine:
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
 
+import trainer.evaluate as E
+import trainer.loop as L
+import trainer.step as S
+from pipeline.data.manifest import load_manifest, write_dataset
 from pipeline.errors import CnmError
+from pipeline.loaders import make_loader
+from trainer import checkpoint as ckpt
 from trainer import distributed as D
+from trainer.config import make_config, resolve
+from trainer.distributed import launch
+from trainer.evaluate import Evaluator
+from trainer.loop import train
+from trainer.peers import build_peers
 
 WORLD = 2
 NUM_CLASSES = 4
@@ -36,8 +53,6 @@ def free_port() -> int:
 
 def index_dataset(out, train: int, test: int):
     """A prepared dir whose images encode their index: pixel (0,0) = (i % 256, i // 256, split)."""
-    from pipeline.data.manifest import write_dataset
-
     rng = np.random.default_rng(0)
     splits = {}
     for k, (split, n) in enumerate((("train", train), ("test", test))):
@@ -57,8 +72,6 @@ def decode_index(images: torch.Tensor) -> list[int]:
 
 def spawn(fn, *args, world: int = WORLD) -> None:
     """Run fn(rank, port, *args) in `world` fresh processes; a failing rank fails the test."""
-    import torch.multiprocessing as mp
-
     mp.start_processes(fn, args=(free_port(), *args), nprocs=world, join=True, start_method="spawn")
 
 
@@ -70,8 +83,6 @@ def _join(rank: int, port: int, timeout_s: float = 60.0) -> D.Comm:
 
 
 def gather(comm: D.Comm, t: torch.Tensor) -> list[torch.Tensor]:
-    import torch.distributed as dist
-
     out = [torch.empty_like(t) for _ in range(comm.world)]
     dist.all_gather(out, t.contiguous())
     return out
@@ -92,7 +103,7 @@ def test_launch_env_parsing_and_errors():
         D.launch_env({**env, "RANK": "4"})
     # not launched, or a world of one: the single-process communicator, no process group
     comm = D.init_from_env("cpu", environ={})
-    assert type(comm) is D.Comm and comm.is_main and comm.world == 1 and not comm.distributed
+    assert type(comm) is D.Comm and comm.is_main and comm.world == 1
     assert type(D.init_from_env("cpu", environ={**env, "RANK": "0", "WORLD_SIZE": "1"})) is D.Comm
     t = torch.arange(3.0)
     assert comm.all_reduce_sum(t) is t and comm.broadcast_object({"a": 1}) == {"a": 1}
@@ -115,13 +126,71 @@ def test_fault_injector_spec():
             D.FaultInjector.from_env(1, {D.FAULT_ENV: bad})
 
 
+class _Work:
+    """A stand-in for torch's `Work`: completes after `polls` calls of is_completed (never: None),
+    then `wait()` raises `error` if given."""
+
+    def __init__(self, polls=None, error=None):
+        self.polls, self.error, self.calls = polls, error, 0
+
+    def is_completed(self):
+        self.calls += 1
+        return self.polls is not None and self.calls > self.polls
+
+    def wait(self):
+        if self.error is not None:
+            raise self.error
+
+
+def test_bounded_wait_polls_until_done_and_turns_a_hang_or_failure_into_one_line():
+    """The wait every per-epoch collective goes through (NCCL's `wait()` does not block the host
+    and a hung NCCL collective never raises, so the comm polls `is_completed()` itself)."""
+    comm = D.ProcessGroupComm(0, 2, 0, timeout_s=0.2)
+    started = []
+
+    def collective(work):
+        def start(*args, group, async_op):
+            assert async_op and group is None
+            started.append(args)
+            return work
+        return start
+
+    done = _Work(polls=3)
+    comm._run("all-reduce", collective(done), "t")
+    assert started == [("t",)] and done.calls == 4          # polled until it completed
+    t0 = time.perf_counter()
+    with pytest.raises(CnmError) as e:
+        comm._run("checking the data", collective(_Work(polls=None)))
+    assert time.perf_counter() - t0 >= 0.2
+    assert str(e.value) == ("rank 0: checking the data failed (no reply); another process stopped (see its "
+                            "output) or did not answer within 0.2 s (--dist-timeout)")
+    failed = _Work(polls=0, error=dist.DistBackendError("NCCL error in: x.cpp:1, remote process exited\nmore"))
+    with pytest.raises(CnmError, match=r"^rank 0: broadcast failed \(DistBackendError: NCCL error in: x.cpp:1, "
+                                       r"remote process exited\); another process stopped") as e:
+        comm._run("broadcast", collective(failed))
+    assert "\n" not in str(e.value)
+
+
+def test_nccl_group_is_bound_to_its_device_and_outlives_the_bounded_wait(monkeypatch):
+    """NCCL: `device_id=cuda:LOCAL_RANK` (where that device exists) and a group timeout longer
+    than --dist-timeout, so the bounded wait reports before NCCL's watchdog aborts the process."""
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    launch._form_group(D.LaunchEnv(1, 3, 1, "node0", 29500), cuda=True, timeout_s=8)
+    launch._form_group(D.LaunchEnv(2, 3, 2, "node0", 29500), cuda=True, timeout_s=8)   # no cuda:2
+    launch._form_group(D.LaunchEnv(1, 3, 1, "node0", 29500), cuda=False, timeout_s=8)
+    nccl, missing, gloo = calls
+    assert nccl["backend"] == "cpu:gloo,cuda:nccl" and nccl["device_id"] == torch.device("cuda", 1)
+    assert nccl["timeout"] == datetime.timedelta(seconds=8 + launch.NCCL_WATCHDOG_MARGIN_S)
+    assert missing["device_id"] is None           # comm.device("cuda") then says how many exist
+    assert gloo["backend"] == "gloo" and gloo["device_id"] is None
+    assert gloo["timeout"] == datetime.timedelta(seconds=8)
+
+
 def test_group_that_cannot_form_fails_with_one_line_within_the_timeout(monkeypatch):
     """WORLD_SIZE=2 but the second process never comes: a clear error after the timeout, and
     no half-formed group is left behind."""
-    import time
-
-    import torch.distributed as dist
-
     for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(k, v)
@@ -136,8 +205,6 @@ def test_group_that_cannot_form_fails_with_one_line_within_the_timeout(monkeypat
 
 
 def test_sync_bn_turns_cuda_graphs_off_or_is_refused_with_them(monkeypatch):
-    from trainer.config import make_config, resolve
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)      # resolve() only asks this
     cfg = make_config(None, {"device": "cuda", "sync_bn": True})
     assert resolve(cfg, world=1).cuda_graphs                            # one process: nothing to sync
@@ -152,8 +219,6 @@ def test_sync_bn_turns_cuda_graphs_off_or_is_refused_with_them(monkeypatch):
 
 
 def _check_collectives(comm: D.Comm, rank: int, data_dir: str) -> None:
-    from torch import nn
-
     assert isinstance(comm, D.ProcessGroupComm) and comm.rank == rank and comm.world == WORLD
     assert comm.is_main == (rank == 0) and comm.backend == "gloo"
     assert comm.device("cpu") == torch.device("cpu") and comm.backend == "gloo"
@@ -166,6 +231,7 @@ def _check_collectives(comm: D.Comm, rank: int, data_dir: str) -> None:
 
     # -- objects, errors seen by one rank only, rank-0-only work
     assert comm.broadcast_object({"run": f"from-{rank}"}) == {"run": "from-0"}
+    assert comm.all_reduce_sum(torch.full((2,), rank + 1.0), block=False).tolist() == [3.0, 3.0]   # CPU: waited
     comm.agree(None)
     try:
         comm.agree("data dir missing" if rank == 1 else None)
@@ -250,8 +316,6 @@ def _check_collectives(comm: D.Comm, rank: int, data_dir: str) -> None:
 
     # -- the loaders' sharding: every training sample exactly once per epoch across ranks,
     #    the same number of batches on every rank, a new order every epoch
-    from pipeline.loaders import make_loader
-
     loader = make_loader("resident", data_dir, split="train", batch_size=8, device="cpu", seed=3,
                          rank=rank, world=WORLD)
     n_train = loader.manifest.counts["train"]
@@ -268,10 +332,6 @@ def _check_collectives(comm: D.Comm, rank: int, data_dir: str) -> None:
 
     # -- evaluation over the whole test split: every rank scores its shard, counts are summed;
     #    the result equals a single-process evaluation of the same models
-    from pipeline.data.manifest import load_manifest
-    from trainer.evaluate import Evaluator
-    from trainer.peers import build_peers
-
     man = load_manifest(data_dir)
     torch.manual_seed(0)
     peers = build_peers(["resnet20", "resnet20"], man.num_classes, peer_exec="loop")
@@ -284,26 +344,37 @@ def _check_collectives(comm: D.Comm, rank: int, data_dir: str) -> None:
         assert sharded[key] == pytest.approx(whole[key], abs=1e-9), key
 
 
+GLOO_TIMEOUT_S = 6.0
+
+
 def _check_timeout(comm: D.Comm, rank: int) -> None:
-    """A rank that stops answering: the others fail within the group's timeout, with one line."""
-    import datetime
-    import time
-
-    import torch.distributed as dist
-
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=1.5))
-    short = D.ProcessGroupComm(rank, WORLD, rank, ("gloo",), timeout_s=1.5, device="cpu", group=group)
-    if rank == 0:
+    """A rank that never joins a collective: the one waiting for it gets the one-line error of
+    the bounded wait after the comm's timeout (1 s), not gloo's own (6 s): the path a hung NCCL
+    collective takes. Receivers wait for broadcasts (a sender may finish alone), so rank 1 waits
+    there and rank 0 elsewhere; each case in its own subgroup, whose stuck work gloo ends later."""
+    cases = [("all-reduce", 0, lambda c: c.all_reduce_sum(torch.ones(1))),
+             ("all-reduce", 0, lambda c: c.all_reduce_min(torch.ones(1))),
+             ("checking the data", 0, lambda c: c.agree(None, "checking the data")),
+             ("choosing the device", 0, lambda c: c.everywhere(lambda: 1, "choosing the device")),
+             ("broadcast", 1, lambda c: c.broadcast_tensors([torch.ones(3)])),
+             ("broadcast", 1, lambda c: c.broadcast_object({"a": 1})),
+             ("preparing the run", 1, lambda c: c.on_main(lambda: 1, "preparing the run"))]
+    groups = [dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
+              for _ in cases]
+    for (what, waiter, op), group in zip(cases, groups):
+        if rank != waiter:
+            continue
+        short = D.ProcessGroupComm(rank, WORLD, rank, ("gloo",), timeout_s=1.0, group=group)
         t0 = time.perf_counter()
         try:
-            short.all_reduce_sum(torch.ones(1))
-            raise AssertionError("the collective did not time out")
+            op(short)
+            raise AssertionError(f"{what}: the collective did not time out")
         except CnmError as e:
             msg = str(e)
-            assert "\n" not in msg and msg.startswith("rank 0: all-reduce failed")
-            assert "did not answer within 1.5 s (--dist-timeout)" in msg
-        assert time.perf_counter() - t0 < 15
-    comm.barrier()                                       # rank 1 never joined the short group's op
+            assert "\n" not in msg and msg.startswith(f"rank {rank}: {what} failed (no reply); "), msg
+            assert msg.endswith("did not answer within 1 s (--dist-timeout)"), msg
+        assert time.perf_counter() - t0 < GLOO_TIMEOUT_S
+    comm.barrier()                                       # the other rank never joined those ops
 
 
 # ----------------------------------------------------------------------------- the real loop
@@ -319,11 +390,6 @@ def _check_loop(comm: D.Comm, data_dir: str, other_data_dir: str, out_root: str)
       identical (averaged gradients), BatchNorm running statistics per rank (different), or
       identical with --sync-bn;
     - at evaluation: everything identical (parameters, buffers, EMA teacher)."""
-    import trainer.evaluate as E
-    import trainer.step as S
-    from trainer.config import make_config
-    from trainer.loop import train
-
     log = []
     real_read, real_eval = S.TrainStep.read_metrics, E.Evaluator.__call__
 
@@ -351,9 +417,6 @@ def _check_loop(comm: D.Comm, data_dir: str, other_data_dir: str, out_root: str)
     # every rank runs rank 0's settings; ranks whose --data directory holds different files
     # (rank 1's is swapped here) stop together, with one line naming the odd rank, before
     # anything is written
-    import trainer.loop as L
-    from pipeline.data.manifest import load_manifest
-
     real_check = L._check_data
     if comm.rank == 1:
         L._check_data = lambda cfg: load_manifest(other_data_dir)
@@ -378,8 +441,6 @@ def test_two_spawned_ranks(tmp_path):
     gradient averaging, synchronised BN == BN on the whole batch, every training sample once
     per epoch across ranks, test accuracy over the whole test split, two real training runs
     with identical ranks (parameters, EMA, buffers), only rank 0 writing, a bounded timeout."""
-    from trainer import checkpoint as ckpt
-
     data = index_dataset(tmp_path / "data", train=48, test=23)   # uneven test shards
     other = index_dataset(tmp_path / "other", train=44, test=23)
     spawn(_worker, str(data), str(other), str(tmp_path))
@@ -402,9 +463,6 @@ def test_two_spawned_ranks(tmp_path):
 def torchrun(args, tmp_path, name, env=None, timeout=180):
     """`python -m torch.distributed.run --standalone --nproc-per-node 2 -m cnm train ARGS`;
     per-rank stdout/stderr in files. Returns (returncode, seconds, torchrun's output, logs)."""
-    import subprocess
-    import time
-
     logs = tmp_path / f"logs-{name}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
            "--log-dir", str(logs), "--redirects", "3", "-m", "cnm", "train", *args]
@@ -423,10 +481,6 @@ def torchrun(args, tmp_path, name, env=None, timeout=180):
 
 
 def test_torchrun_cli_trains_fails_cleanly_and_resumes_with_one_process(tmp_path):
-    from trainer import checkpoint as ckpt
-    from trainer.config import make_config
-    from trainer.loop import train
-
     data = index_dataset(tmp_path / "data", train=40, test=23)
     run = tmp_path / "run"
     args = ["--data", str(data), "--out", str(run), "--arch", "resnet20", "--peers", "2", "--batch-size", "8",
@@ -465,8 +519,6 @@ def test_torchrun_hung_process_makes_the_others_fail_after_the_timeout(tmp_path)
     lines = [l for l in log(0, "stderr").splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith("error: rank 0: all-reduce failed"), log(0, "stderr")
     assert "did not answer within 8 s (--dist-timeout)" in lines[0]
-    from trainer import checkpoint as ckpt
-
     assert ckpt.load_checkpoint(run / "last.pt")["epoch"] == 1
 
 
@@ -479,19 +531,26 @@ class _TripleComm(D.Comm):
 
     world = 2
 
-    def all_reduce_sum(self, t):
+    def __init__(self):
+        super().__init__()
+        self.blocks = set()
+
+    def all_reduce_sum(self, t, *, block=True):
+        self.blocks.add(block)
         return t.mul_(3.0)
 
 
 def _steps_agree(device, cuda_graphs):
     """TrainStep with GradAllReduce (as the loop installs it) == TrainStep with a plain hook
     that scales the gradients by 1.5; a short batch in the middle runs eagerly."""
+    # lazy: a helper of another test module, imported only where used
     from tests.trainer.test_step import _assert_peers_close, _batch, _make, _peer_params
 
     ref = _make(peer_exec="grouped", channels_last=True, device=device)
     ref.grad_hook = lambda: torch._foreach_mul_([q.grad for q in ref.optimizer.params], 1.5)
     dp = _make(peer_exec="grouped", channels_last=True, device=device, cuda_graphs=cuda_graphs)
-    dp.grad_hook = D.GradAllReduce(dp.optimizer.params, _TripleComm())
+    comm = _TripleComm()
+    dp.grad_hook = D.GradAllReduce(dp.optimizer.params, comm)
     for i, b in enumerate((16, 16, 8, 16, 16)):
         x, y = _batch(i, device, b=b)
         ref(x, y, epoch=0, step=i)
@@ -500,6 +559,7 @@ def _steps_agree(device, cuda_graphs):
         assert len(dp._graphs) == 2
         torch.cuda.synchronize()
     _assert_peers_close(_peer_params(ref), _peer_params(dp), atol=1e-4 if cuda_graphs else 1e-6)
+    assert comm.blocks == {False}                        # the host never waits inside the step
 
 
 def test_step_with_gradient_averaging_equals_scaled_gradients_cpu():
@@ -507,8 +567,7 @@ def test_step_with_gradient_averaging_equals_scaled_gradients_cpu():
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_around_the_all_reduce_equal_eager(cuda_device):
+def test_cuda_graphs_around_the_all_reduce_equal_eager(cuda_device, cuda_fp32_exact):
     """The two CUDA graphs with pack (end of the first) and unpack (start of the second) captured,
     the collective replayed eagerly between them, and an eager short batch in the middle."""
-    torch.backends.cudnn.deterministic = True
     _steps_agree("cuda", cuda_graphs=True)

@@ -270,7 +270,7 @@ def test_wrong_views_shape_and_wrong_state_count(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", list(MODELS))
-def test_grouped_equals_loop_cuda(arch, cuda_device):
+def test_grouped_equals_loop_cuda(arch, cuda_device, cuda_fp32_exact):
     """On CUDA, where cuDNN picks different algorithms for grouped and plain convolutions:
     float64 logits, features, gradients and BN buffers agree to 1e-9 (3 peers, batch 8, 32x32,
     train mode); float32 with TF32 off: logits and features to 1e-4. (float32 gradients of deep
@@ -308,7 +308,7 @@ def test_grouped_equals_loop_cuda(arch, cuda_device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("peer_exec", ["loop", "grouped"])
-def test_bf16_autocast_channels_last_close_to_fp32(peer_exec, cuda_device):
+def test_bf16_autocast_channels_last_close_to_fp32(peer_exec, cuda_device, cuda_fp32_exact):
     """bf16 autocast + channels-last (the fast path) against fp32 contiguous, train-mode BN:
     logits within 0.05 * max|logit| + 0.05 and the same arg-max on >= 90% of samples. (bf16
     keeps 8 mantissa bits; measured with CPU autocast on this test's input: max error 0.031 for

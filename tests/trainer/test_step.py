@@ -227,7 +227,7 @@ def test_bench_factory_runs_on_cpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("peer_exec", ["loop", "grouped"])
-def test_cuda_graph_step_equals_eager(cuda_device, peer_exec):
+def test_cuda_graph_step_equals_eager(cuda_device, peer_exec, cuda_fp32_exact):
     torch.backends.cudnn.deterministic = True
     eager = _make(peer_exec=peer_exec, channels_last=True, device="cuda")
     graph = _make(peer_exec=peer_exec, channels_last=True, device="cuda", cuda_graphs=True)
@@ -249,7 +249,7 @@ def test_cuda_graph_step_equals_eager(cuda_device, peer_exec):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_with_grad_hook_equals_eager(cuda_device):
+def test_cuda_graph_with_grad_hook_equals_eager(cuda_device, cuda_fp32_exact):
     """With a gradient hook the step is two graphs with the hook between them."""
     torch.backends.cudnn.deterministic = True
 
@@ -288,7 +288,7 @@ def test_cuda_steps_do_not_sync(cuda_device):
 
 
 @pytest.mark.gpu
-def test_bf16_step_close_to_fp32(cuda_device):
+def test_bf16_step_close_to_fp32(cuda_device, cuda_fp32_exact):
     """Stated tolerance: after 3 steps (lr 0.01, batch 8) the mean loss agrees within 2% and every peer
     parameter tensor within 2% relative L2 distance of the fp32 step."""
     f32 = _make(channels_last=True, device="cuda")
@@ -305,7 +305,7 @@ def test_bf16_step_close_to_fp32(cuda_device):
 
 
 @pytest.mark.gpu
-def test_cuda_channels_last_equals_contiguous(cuda_device):
+def test_cuda_channels_last_equals_contiguous(cuda_device, cuda_fp32_exact):
     torch.backends.cudnn.deterministic = True
     a = _make(channels_last=False, device="cuda")
     b = _make(channels_last=True, device="cuda")
@@ -315,7 +315,7 @@ def test_cuda_channels_last_equals_contiguous(cuda_device):
 
 
 @pytest.mark.gpu
-def test_cuda_grouped_equals_loop(cuda_device):
+def test_cuda_grouped_equals_loop(cuda_device, cuda_fp32_exact):
     torch.backends.cudnn.deterministic = True
     a = _make(peer_exec="loop", channels_last=True, device="cuda")
     b = _make(peer_exec="grouped", channels_last=True, device="cuda")
