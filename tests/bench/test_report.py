@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import report
+from pipeline.environment import run_environment
 from pipeline.errors import CnmError
 
 
@@ -34,7 +35,7 @@ ROWS = [
 
 
 def test_environment_has_documented_keys():
-    env = report.environment(torch.device("cpu"))
+    env = run_environment(torch.device("cpu"))
     for key in ("date", "device", "device_name", "cpu_count", "torch", "ffcv", "dali", "triton",
                 "git_commit", "python"):
         assert key in env

@@ -127,7 +127,6 @@ def test_sync_time_is_inside_the_region():
 
 
 def test_calibrate_sizes_regions():
-    from bench.augment import calibrate
 
     clock = FakeClock()
 
@@ -136,12 +135,12 @@ def test_calibrate_sizes_regions():
         return 1
 
     # 10 ms per step, 1 s target -> 100 steps per region
-    assert calibrate(step, lambda: None, 1.0, clock=clock, probe_s=0.1) == 100
+    assert harness.calibrate(step, lambda: None, 1.0, clock=clock, probe_s=0.1) == 100
     # a slow step still gives at least 2 steps per region
     def slow():
         clock.t += 5.0
         return 1
-    assert calibrate(slow, lambda: None, 1.0, clock=clock) == 2
+    assert harness.calibrate(slow, lambda: None, 1.0, clock=clock) == 2
 
 
 def test_peak_memory_cpu():
