@@ -37,7 +37,7 @@ def info(as_json):
     else:
         why = f" ({cuda['error']})" if cuda.get("error") else ""
         t.add_row("CUDA", f"no{why}; torch built for CUDA {cuda['torch_cuda'] or '-'}")
-    t.add_row("CPUs", str(env["cpu_count"]))
+    t.add_row("CPUs", f"{env['cpu_count']} ({env.get('cpu_model') or 'unknown model'})")
     t.add_row("git", f"{git['commit'][:12]}{' (dirty)' if git['dirty'] else ''}" if git else "-")
     console.print(t)
 

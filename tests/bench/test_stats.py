@@ -54,6 +54,11 @@ def test_op_bytes_and_bandwidth():
     assert stats.fraction_of_peak(bw, None) is None
     with pytest.raises(ValueError):
         stats.bandwidth_gbps(1, 0.0)
+    # partner reads: uint8 pixels of the pasted boxes, C bytes each
+    assert stats.op_bytes(512, 32, 32, 3, 2, partner_pixels=1000) == 11_010_048 + 3000
+    assert stats.partner_pixels("cutnmix", [4, 0, 9], 2, 3, 32, 32) == 3 * 13
+    assert stats.partner_pixels("mixup", [0, 0], 2, 3, 32, 32) == 3 * 2 * 1024
+    assert stats.partner_pixels("none", [5], 1, 3, 32, 32) == 0
 
 
 @pytest.mark.parametrize("name, gbps", [
@@ -61,6 +66,9 @@ def test_op_bytes_and_bandwidth():
     ("NVIDIA H100 PCIe", 2000.0),
     ("NVIDIA H100 NVL", 3900.0),
     ("NVIDIA H200", 4800.0),
+    ("NVIDIA H200 NVL", 4800.0),
+    ("NVIDIA H20", 4000.0),
+    ("NVIDIA GH200 480GB", 4000.0),
     ("NVIDIA A100-SXM4-40GB", 1555.0),
     ("NVIDIA A100-SXM4-80GB", 2039.0),
     ("NVIDIA A100 80GB PCIe", 1935.0),
@@ -76,6 +84,12 @@ def test_known_peaks(name, gbps):
 def test_unknown_peak():
     assert peaks.peak_bandwidth_gbps("Intel(R) Xeon(R) CPU @ 2.20GHz") is None
     assert peaks.peak_bandwidth_gbps(None) is None
+
+
+def test_reference_peak_override_or_measured_copy():
+    assert peaks.reference_peak("cpu", 123.0) == (123.0, "--peak-gbps")
+    gbps, source = peaks.reference_peak("cpu", copy_bytes=1 << 20)
+    assert gbps > 0 and source == "measured cpu copy bandwidth (1 MiB buffer)"
 
 
 class FakeClock:
