@@ -17,7 +17,6 @@ This is a measurement script, not a test. Results go to stdout (and --json PATH)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import harness
+from bench import harness, report
 from pipeline import backends
 from pipeline.data.manifest import load_manifest, write_dataset
 from pipeline.environment import cpu_count, device_name
@@ -166,7 +165,7 @@ def main(argv=None) -> int:
         print(f"| {r['loader']} | {r['augment']} | {r['build_s']:.2f} | {r['warmup_s']:.2f} | "
               f"{r['epoch_s']:.3f} | {r['epoch_min_s']:.3f} | {r['images_per_s']:.0f} |")
     if args.json:
-        args.json.write_text(json.dumps({"header": head, "rows": rows}, indent=2) + "\n")
+        report.write_json({"header": head, "rows": rows}, args.json)
     return 0
 
 

@@ -27,6 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
+from rich.table import Table
+
 from pipeline.errors import CnmError
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -35,25 +38,32 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary sibling and a rename: never a half-written file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], what: str = "write") -> Path:
+    """`write(tmp)` to a temporary sibling of `path`, then rename it over `path`: never a
+    half-written file. An OSError is one CnmError line naming `path` (`what` says what failed)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=parent)
+        os.close(fd)
     except OSError as e:
-        raise CnmError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise CnmError(f"{path}: cannot {what} ({e.strerror or e})") from None
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(Path(tmp))
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise CnmError(f"{path}: write failed ({e.strerror or e}); nothing was written") from None
+        raise CnmError(f"{path}: {what} failed ({e.strerror or e}); nothing was written") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temporary sibling and a rename (`atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def to_json(doc: dict) -> str:
@@ -121,8 +131,6 @@ def _load_note(env: dict) -> str:
 
 def _plain(text) -> str:
     """Cell text shown literally by rich (no markup: "cnm[ffcv]" must stay as it is)."""
-    from rich.markup import escape
-
     return escape(str(text))
 
 
@@ -237,8 +245,6 @@ VIEWS = {
 
 def table(doc: dict):
     """A rich Table of a bench document (its kind's `View`); reasons and names shown literally."""
-    from rich.table import Table
-
     view = VIEWS[doc.get("bench", "augment")]
     t = Table(title=_plain(view.title(doc)), caption=_plain(view.caption(doc)), caption_justify="left")
     t.add_column(view.key, no_wrap=True)
@@ -322,21 +328,12 @@ def plot(doc: dict, path: str | os.PathLike) -> Path:
     ax.set_title(f"cnm bench {doc.get('bench', 'augment')} — {env.get('device_name')} "
                  f"({str(env.get('git_commit'))[:10]})", fontsize=10)
     for y, (m, r) in zip(ys, zip(med, rows)):
-        ratio = r.get("ratio_to_cpu") if key == "pipeline" else r.get("ratio_to_eager")
+        ratio = r.get(VIEWS[doc.get("bench", "augment")].ratio)
         label = f"{m:,.0f}" + (f"  ({ratio:.1f}x)" if ratio is not None else "")
         ax.text(r["images_per_s"]["max"] * 1.15, y, label, va="center", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-        os.close(fd)
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise CnmError(f"{path}: cannot write the plot ({e.strerror or e})") from None
+        path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), "write the plot")
     finally:
         plt.close(fig)
     return path

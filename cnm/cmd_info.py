@@ -5,21 +5,20 @@ from __future__ import annotations
 import json
 
 import click
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.environment import describe
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def info(as_json):
     """Versions, CUDA device, and which loaders and kernels are usable here."""
-    from pipeline.environment import describe
-
     env = describe()
     if as_json:
         click.echo(json.dumps(env, indent=2))
         return
-
-    from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     cuda = env["cuda"]
