@@ -1,30 +1,16 @@
 """`cnm bench`: augmentation throughput of every pipeline against the CPU-augment baseline.
 
-A *pipeline* delivers finished Cut^nMix peer views `[P,B,3,32,32]` on the training device
-(docs/design.md#the-batch-contract). Pipelines, side by side in one run:
+A pipeline delivers finished Cut^nMix peer views `[P,B,3,32,32]` on the training device
+(docs/design.md#the-batch-contract); each registers its builder here (`REGISTRY`, table order):
+`cpu` (the baseline: torch DataLoader, per-sample numpy crop/flip in workers, CPU mixing),
+`ffcv`, `dali` (loader + the op on the device), `dali-native` (Cut^nMix as a DALI graph),
+`resident` (the set in device memory) and `op` (the op alone on one device-resident batch: the
+ceiling, with its bandwidth against the device's peak; `--op-batch-size 65536` for that figure).
 
-- `cpu`         the baseline a competent user writes without cnm: a torch DataLoader whose
-                workers crop/flip per sample in numpy, then batch mixing and normalisation on
-                the CPU (`pipeline.ops.numpy_baseline`), views copied to the device;
-- `ffcv`        the FFCV loader (prepared `.beton`) + the Cut^nMix op on the device;
-- `dali`        the DALI loader + the Cut^nMix op on the device;
-- `dali-native` the DALI loader with Cut^nMix expressed as a DALI graph (`pipeline.ops.dali_graph`);
-- `resident`    the dataset resident in device memory, shuffled by index there, + the op;
-- `op`          the Cut^nMix op alone on one device-resident batch (no loading at all): the
-                ceiling every loader is measured against; reports achieved memory bandwidth
-                against the device's datasheet peak (`bench.peaks`) when the device is known.
-                At a training batch (512) a GPU spends most of a call launching kernels; the
-                bandwidth figure wants a large `--op-batch-size` (e.g. 65536).
-
-Unit: images/s = samples per second delivered on the device with all P peer views finished;
-the P views of one sample count as ONE image. Each pipeline runs a warm-up (not timed: worker
-start-up, compilation, first-epoch set-up), then `repeats` timed regions of the same number of
-batches, with the device synchronised at the start and end of every region (`bench.harness`).
-Reported: min/median/max images/s over the repeats, the ratio of each median to the `cpu`
-median of the same run, peak host memory (process + loader workers) and peak device memory.
-
-A pipeline whose back-end is missing (ffcv, nvidia.dali), or that cannot run on the chosen
-device, is reported `available: false` with the reason instead of failing the run.
+Unit: images/s = samples per second with all P views finished (P views = ONE image); min/median/
+max over `repeats` timed regions after a warm-up (`bench.harness.measure`), each median against
+the `cpu` median, peak host and device memory. A pipeline whose back-end is missing or cannot
+run on the device is a row `available: false` with the reason. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -45,7 +31,7 @@ from bench import harness, isolated, peaks, stats
 from bench.harness import Workload, option
 from pipeline.backends import available, require
 from pipeline.data.manifest import load_manifest, write_dataset
-from pipeline.environment import device_name, load_average, run_environment
+from pipeline.environment import load_average, run_environment
 from pipeline.errors import CnmError
 from pipeline.loaders import make_loader
 from pipeline.ops import MODES, CutNMix, resolve_impl
@@ -218,8 +204,9 @@ class AugmentConfig:
     seed: int = option(0, "random seed")
     op_batch_size: int | None = option(None, "batch of the `op` row (default: --batch-size; use "
                                        "e.g. 65536 for its bandwidth)")
-    peak_gbps: float | None = option(None, "device peak memory bandwidth in GB/s (default: "
-                                     "datasheet value by device name)")
+    peak_gbps: float | None = option(None, "device peak memory bandwidth in GB/s (default on CUDA: "
+                                     "datasheet value by device name, else the measured copy "
+                                     "bandwidth)")
 
     def validate(self) -> None:
         harness.check_choices(self)
@@ -388,10 +375,11 @@ def run_augment_bench(cfg: AugmentConfig, *, builders: dict[str, Builder] | None
     device = harness.resolve_device(cfg.device)
     out_dtype = resolve_dtype(cfg.dtype, device)
     env = run_environment(device)  # before the run: its date and load average are the start's
-    if cfg.peak_gbps is not None:
-        peak = (float(cfg.peak_gbps), "--peak-gbps")
-    else:
-        peak = peaks.lookup(device_name(device)) if device.type == "cuda" else None
+    # the `op` row's reference: --peak-gbps, else on CUDA the datasheet or the measured copy
+    # bandwidth of an unknown GPU; a CPU has none (its DRAM bandwidth is the board's)
+    peak = None
+    if cfg.peak_gbps is not None or device.type == "cuda":
+        peak = peaks.reference_peak(device, cfg.peak_gbps)
 
     with contextlib.ExitStack() as stack:
         if cfg.data == "synthetic":

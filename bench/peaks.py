@@ -45,12 +45,6 @@ KNOWN_PEAKS: list[tuple[str, float, str]] = [
 ]
 
 
-def peak_bandwidth_gbps(device_name: str | None) -> float | None:
-    """Datasheet peak memory bandwidth in GB/s of the named device, or None if unknown."""
-    entry = lookup(device_name)
-    return None if entry is None else entry[0]
-
-
 def lookup(device_name: str | None) -> tuple[float, str] | None:
     """(peak GB/s, what it is) for the first known pattern matching `device_name`, else None."""
     if not device_name:

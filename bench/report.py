@@ -61,18 +61,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], what: s
     return path
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary sibling and a rename (`atomic_write`)."""
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
 def to_json(doc: dict) -> str:
     return json.dumps(doc, indent=2, allow_nan=False, default=str) + "\n"
 
 
 def write_json(doc: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
-    atomic_write_text(path, to_json(doc))
+    atomic_write(path, lambda tmp: tmp.write_text(to_json(doc)))
     return path
 
 

@@ -1,23 +1,15 @@
 """`cnm bench train`: throughput of the whole train step of the peer ensemble.
 
-A step is what `cnm train` runs per batch (trainer/step.py): Cut^nMix on the device, forward of
-the P peers (and the EMA teacher), the online-distillation loss, backward, SGD, EMA update. It
-is timed on one fixed device-resident batch of `--batch-size` random CIFAR-shaped images, so
-loading is left out (`cnm bench` measures that). Images/s counts samples (the P views of a
-sample are one image); ms/step is the wall time of one step with the device synchronised at the
-end of every timed region.
+A step is what `cnm train` runs per batch: Cut^nMix on the device, forward of the P peers (and
+the EMA teacher), the online-distillation loss, backward, SGD, EMA update; timed on one fixed
+device-resident batch (loading left out), by `bench.harness.measure`. Images/s counts samples
+(P views = one image); ms/step is the wall time of one step.
 
-Variants, each adding to the previous where it applies (docs/performance.md#the-train-step):
-
-- `eager-fp32`         loop over peers, NCHW, fp32, eager (the plain PyTorch reference);
-- `channels-last`      + channels-last memory format (fp32);
-- `channels-last+bf16` + bf16 autocast (CUDA);
-- `+cuda-graphs`       + the whole step captured in one CUDA graph (CUDA);
-- `+grouped`           + the P peers run as one grouped network (groups=P convolutions); on a
-                       CPU on top of `channels-last` in fp32.
-
-Variants that do not apply on the device are reported `available: false` ("not applicable on
-cpu"), not skipped silently.
+Variants register here (`REGISTRY`, table order), each adding to the previous where it applies:
+`eager-fp32` (the plain PyTorch reference), `channels-last`, `channels-last+bf16` (CUDA),
+`+cuda-graphs` (CUDA), `+grouped` (the P peers as one groups=P network; on a CPU on top of
+`channels-last` in fp32). A variant that does not apply on the device is a row `available:
+false` ("not applicable on cpu"). See docs/performance.md#the-train-step.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import report
+from bench.peaks import lookup
 from bench.augment import AugmentConfig, run_augment_bench
 from bench.harness import Workload
 from pipeline import backends
@@ -262,9 +263,7 @@ def test_real_pipelines_end_to_end_cuda():
         assert rows[name]["peak_device_mb"] > 0
     assert doc["config"]["dtype_resolved"] == "bfloat16"
     assert rows["op"]["bytes_per_image"] == 3072 + 3 * 3072 * 2
-    from bench.peaks import peak_bandwidth_gbps
-
-    if peak_bandwidth_gbps(doc["env"]["device_name"]) is not None:
+    if lookup(doc["env"]["device_name"]) is not None:
         assert 0 < rows["op"]["fraction_of_peak"] < 1.5
 
 

@@ -78,12 +78,12 @@ def test_op_bytes_and_bandwidth():
     ("Tesla V100-SXM2-16GB", 900.0),
 ])
 def test_known_peaks(name, gbps):
-    assert peaks.peak_bandwidth_gbps(name) == gbps
+    assert peaks.lookup(name)[0] == gbps
 
 
 def test_unknown_peak():
-    assert peaks.peak_bandwidth_gbps("Intel(R) Xeon(R) CPU @ 2.20GHz") is None
-    assert peaks.peak_bandwidth_gbps(None) is None
+    assert peaks.lookup("Intel(R) Xeon(R) CPU @ 2.20GHz") is None
+    assert peaks.lookup(None) is None
 
 
 def test_reference_peak_override_or_measured_copy():
