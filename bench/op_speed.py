@@ -173,9 +173,13 @@ def run_op_bench(cfg: OpSpeedConfig, *, progress=None, clock: harness.Clock = ti
     timings = ["back-to-back"] + (["cuda-graph"] if cfg.graph and device.type == "cuda" else [])
     results = []
     for b in batches:
-        for impl_name in dict.fromkeys(cfg.impls):
+        seen = set()
+        for impl_name in cfg.impls:
             try:
                 impl = impl_name if impl_name == "numpy" else resolve_impl(impl_name, device)
+                if impl in seen:  # auto is one of the others
+                    continue
+                seen.add(impl)
                 calls, moved = _calls(cfg, device, b, impl, out_dtype)
             except (CnmError, harness.Unavailable) as e:
                 results.append(_row(f"{impl_name} kernel", b, impl_name, "kernel", "back-to-back",
@@ -184,8 +188,7 @@ def run_op_bench(cfg: OpSpeedConfig, *, progress=None, clock: harness.Clock = ti
             for what, fn in calls.items():
                 for timing in timings:
                     name = f"{impl} {what}" + (" (graph)" if timing == "cuda-graph" else "")
-                    if fn is None:
-                        results.append(_row(name, b, impl, what, timing, "no parameter draw of its own"))
+                    if fn is None:  # the numpy reference has no draw of its own: no row
                         continue
                     say(f"B={b}: timing {name}")
 

@@ -17,7 +17,7 @@ from bench import op_speed, stats
 from bench.op_speed import OpSpeedConfig, run_op_bench, time_call
 from cnm.cli import main
 from pipeline.errors import CnmError
-from pipeline.ops import draw_params
+from pipeline.ops import draw_params, resolve_impl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,10 +72,12 @@ def test_cpu_sweep_end_to_end():
     rows = doc["results"]
     assert {r["batch"] for r in rows} == {16, 32}
     assert not any(r["timing"] == "cuda-graph" for r in rows)  # graphs are CUDA only
+    auto = resolve_impl("auto", torch.device("cpu"))  # numba where installed, else torch
+    impls = list(dict.fromkeys([auto, "torch"]))
+    assert [(r["impl"], r["call"]) for r in rows if r["batch"] == 16] == [
+        *((i, c) for i in impls for c in ("kernel", "draw+kernel")),
+        ("numpy", "kernel")]  # the numpy reference has no draw of its own
     for r in rows:
-        if r["impl"] == "numpy" and r["call"] == "draw+kernel":
-            assert not r["available"]
-            continue
         assert r["available"], r
         b = r["batch"]
         assert r["bytes_per_call"] > stats.op_bytes(b, 32, 32, 3, 4)  # + the partner reads
