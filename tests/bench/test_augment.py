@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from bench import report
-from bench.peaks import lookup
 from bench.augment import AugmentConfig, run_augment_bench
 from bench.harness import Workload
+from bench.peaks import lookup
 from pipeline import backends
 from pipeline.errors import CnmError
 
