@@ -4,9 +4,10 @@ Pipelines leave state behind: DataLoader worker processes, DALI and FFCV threads
 caching allocator's pool, cuDNN autotuning flags, Python heap growth. Timed one after another in
 one process, a pipeline would pay for its predecessors (on a 2-core machine a lingering thread
 costs half the CPU) and its "peak host memory" would include theirs. `cnm bench` therefore runs
-each row as `python -m bench.isolated SPEC.json`: the child rebuilds the row's context from the
-spec, times it exactly as the in-process path does (`bench.augment.run_guarded`,
-`bench.train.run_variant_guarded`) and writes the row as JSON to `spec["out"]`.
+each row as `python -m bench.isolated SPEC.json`: the child imports `spec["module"]` (the bench
+module that owns the row: bench.augment, bench.train), whose `run_spec(spec)` rebuilds the row's
+context and times it exactly as the in-process path does, and writes the row as JSON to
+`spec["out"]`. The module is named in the spec, not imported here: no import cycle.
 
 A child that dies (a segfault in a back-end, the OOM killer) becomes an unavailable row whose
 reason is the last line of its stderr.
@@ -14,6 +15,7 @@ reason is the last line of its stderr.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -21,11 +23,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.report import write_json
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_isolated(spec: dict) -> dict:
-    """The row computed by a child process for `spec` ({"kind": "augment" | "train", ...}).
+    """The row computed by a child process for `spec` ({"module": "bench.augment", ...}).
 
     On a child failure: {"available": False, "reason": "...", "failed": True}.
     """
@@ -48,29 +52,16 @@ def run_isolated(spec: dict) -> dict:
                 "reason": f"failed in its own process ({status}): {why}"}
 
 
+ROW_MODULES = ("bench.augment", "bench.train")
+
+
 def _child(spec_path: str) -> int:
-    import time
-
     spec = json.loads(Path(spec_path).read_text())
-    if spec["kind"] == "augment":
-        from bench import augment
-
-        cfg = augment.config_from_dict(spec["config"])
-        ctx = augment.context_for(cfg, Path(spec["data_dir"]))
-        peak = tuple(spec["peak"]) if spec.get("peak") else None
-        row = augment.run_guarded(spec["name"], augment.BUILDERS[spec["name"]], ctx,
-                                  clock=time.perf_counter, peak=peak)
-    elif spec["kind"] == "train":
-        from bench import train
-
-        cfg = train.config_from_dict(spec["config"])
-        row = train.run_variant_guarded(spec["variant"], cfg)
-    else:
-        raise SystemExit(f"unknown spec kind {spec['kind']!r}")
-    out = Path(spec["out"])
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, allow_nan=False))
-    os.replace(tmp, out)
+    module = spec.get("module")
+    if module not in ROW_MODULES:
+        raise SystemExit(f"unknown row module {module!r}")
+    row = importlib.import_module(module).run_spec(spec)
+    write_json(row, spec["out"])
     return 0
 
 

@@ -17,9 +17,7 @@ This is a measurement script, not a test. Results go to stdout (and --json PATH)
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,16 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import harness, report
 from pipeline import backends
+from pipeline.data.manifest import load_manifest, write_dataset
+from pipeline.environment import cpu_count, device_name
 from pipeline.errors import CnmError
+from pipeline.loaders import make_loader
+from pipeline.ops import CutNMix
 
 DEFAULT_DATA = Path(os.environ.get("TMPDIR", "/tmp")) / "cnm-bench-loader-50k"
 
 
 def ensure_dataset(path: Path, n: int) -> Path:
     """A prepared synthetic set of n train images (random uint8, 10 classes) at `path`."""
-    from pipeline.data.manifest import load_manifest, write_dataset
-
     if (path / "manifest.json").exists():
         man = load_manifest(path)
         if man.counts.get("train") == n:
@@ -74,16 +75,17 @@ def _has_native_graph() -> bool:
 
 
 def epoch_timer(device: torch.device):
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    """one_epoch(loader) -> (seconds, images): one epoch timed by `harness.time_repeats` (one
+    region of one step, the device synchronised before and after)."""
+    sync = harness.device_sync(device)
 
     def one_epoch(loader) -> tuple[float, int]:
+        def epoch() -> int:
+            return sum(int(batch[1].shape[0]) for batch in loader)
+
         sync()
-        t0 = time.perf_counter()
-        n = 0
-        for batch in loader:
-            n += batch[1].shape[0]
-        sync()
-        return time.perf_counter() - t0, n
+        t = harness.time_repeats(epoch, warmup=0, per_repeat=1, repeats=1, sync=sync)
+        return t.seconds[0], t.items[0]
 
     return one_epoch
 
@@ -123,27 +125,20 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
 
-    from pipeline.loaders import make_loader
-    from pipeline.loaders.base import resolve_device
-
     try:
-        device = resolve_device(args.device)
+        device = harness.resolve_device(args.device)
         data = ensure_dataset(args.data, args.n)
     except CnmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     aug_modes = [False, True] if args.augment else [False]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     head = (f"loader epoch time: {args.n} images, batch {args.batch_size}, device {device}"
-            f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}),"
-            f" {cores} cores, torch {torch.__version__}, {args.epochs} round-robin epochs after 1 warm-up")
+            f" ({device_name(device)}), {cpu_count()} cores, torch {torch.__version__}, {args.epochs} round-robin epochs after 1 warm-up")
     print(head)
     rows = []
     for with_aug in aug_modes:
         aug = None
         if with_aug:
-            from pipeline.ops import CutNMix
-
             aug = CutNMix(peers=args.peers, out_dtype=torch.bfloat16)
         loaders, builds = {}, {}
         for label, name, opts in configurations(device.type, with_aug, args.workers):
@@ -170,7 +165,7 @@ def main(argv=None) -> int:
         print(f"| {r['loader']} | {r['augment']} | {r['build_s']:.2f} | {r['warmup_s']:.2f} | "
               f"{r['epoch_s']:.3f} | {r['epoch_min_s']:.3f} | {r['images_per_s']:.0f} |")
     if args.json:
-        args.json.write_text(json.dumps({"header": head, "rows": rows}, indent=2) + "\n")
+        report.write_json({"header": head, "rows": rows}, args.json)
     return 0
 
 

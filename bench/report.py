@@ -1,8 +1,8 @@
-"""Presentation of `cnm bench` results: environment, rich tables, JSON, `--save`, `--plot`.
+"""Presentation of `cnm bench` results: one rich table, JSON, `--save`, `--plot`.
 
 JSON document (schema "cnm-bench/1"; keys are only ever added, never renamed):
 
-    {"schema": "cnm-bench/1", "bench": "augment" | "train", "unit": str, "baseline": str,
+    {"schema": "cnm-bench/1", "bench": "augment" | "train" | "op", "unit": str, "baseline": str,
      "env": {"date", "device", "device_name", "cpu_model", "cpu_count", "python", "platform",
              "torch", "cuda", "ffcv", "dali", "triton", "git_commit", "git_dirty", ...},
      "config": {... every flag of the run ...},
@@ -11,7 +11,8 @@ JSON document (schema "cnm-bench/1"; keys are only ever added, never renamed):
                   "peak_host_mb": x, "peak_device_mb": x, ...}]}
 
 `cnm bench train` rows have "variant" and "pipeline" (the same name), "ms_per_step" and
-"ratio_to_eager" in addition. `--save` writes the document to
+"ratio_to_eager" in addition; `cnm bench op` rows are described in bench/op_speed.py. The env
+is `pipeline.environment.run_environment`. `--save` writes the document to
 `bench/results/<date>-<device>-<commit>[-train].json` with a temporary name and a rename.
 """
 
@@ -20,147 +21,44 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import re
-import subprocess
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from rich.markup import escape
+from rich.table import Table
 
 from pipeline.errors import CnmError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def cpu_model() -> str | None:
-    """The CPU's model name (/proc/cpuinfo on Linux, platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def git_state(root: Path = REPO_ROOT) -> tuple[str | None, bool | None]:
-    """(commit hash, working tree has uncommitted changes) of the checkout cnm runs from."""
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10)
-        if commit.returncode != 0:
-            return None, None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        return commit.stdout.strip(), (bool(dirty.stdout.strip()) if dirty.returncode == 0 else None)
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
-# environment variables that change CPU threading (and so the figures) when set
-THREADING_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
-                  "NUMBA_THREADING_LAYER", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def _dist_version(dist: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _describe() -> dict:
-    """pipeline.environment.describe() when that module exists and works, else {}."""
-    try:
-        from pipeline.environment import describe
-    except Exception:
-        return {}
-    try:
-        info = describe()
-    except Exception:
-        return {}
-    return dict(info) if isinstance(info, dict) else {}
-
-
-def environment(device: torch.device | str) -> dict:
-    """What a result depends on: date, device, CPU, library versions, git commit."""
-    from bench.harness import cpu_count
-    from pipeline.backends import version
-
-    device = torch.device(device)
-    env = _describe()
-    commit, dirty = git_state()
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        props = torch.cuda.get_device_properties(device)
-        gpu = {"device_memory_gb": round(props.total_memory / 1e9, 1),
-               "device_capability": f"{props.major}.{props.minor}"}
-    else:
-        name, gpu = cpu_model() or "cpu", {}
-    ours = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device),
-        "device_name": name,
-        **gpu,
-        "cpu_model": cpu_model(),
-        "cpu_count": cpu_count(),
-        # the machine's load when the run started: on a shared machine, figures taken under a
-        # load above the CPU count are slowed by contention and are not comparable
-        "load_average": load_average(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "ffcv": version("ffcv"),
-        "dali": version("nvidia.dali"),
-        "triton": version("triton"),
-        "numba": _dist_version("numba"),
-        "threading_env": {k: os.environ[k] for k in THREADING_VARS if k in os.environ},
-        "git_commit": commit,
-        "git_dirty": dirty,
-    }
-    # the documented keys are always ours (same meaning in every file); describe() adds the rest
-    for key, value in env.items():
-        ours.setdefault(key, value)
-    return ours
 
 
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary sibling and a rename: never a half-written file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], what: str = "write") -> Path:
+    """`write(tmp)` to a temporary sibling of `path`, then rename it over `path`: never a
+    half-written file. An OSError is one CnmError line naming `path` (`what` says what failed)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=parent)
+        os.close(fd)
     except OSError as e:
-        raise CnmError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise CnmError(f"{path}: cannot {what} ({e.strerror or e})") from None
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(Path(tmp))
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise CnmError(f"{path}: write failed ({e.strerror or e}); nothing was written") from None
+        raise CnmError(f"{path}: {what} failed ({e.strerror or e}); nothing was written") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 def to_json(doc: dict) -> str:
@@ -169,7 +67,7 @@ def to_json(doc: dict) -> str:
 
 def write_json(doc: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
-    atomic_write_text(path, to_json(doc))
+    atomic_write(path, lambda tmp: tmp.write_text(to_json(doc)))
     return path
 
 
@@ -228,113 +126,154 @@ def _load_note(env: dict) -> str:
 
 def _plain(text) -> str:
     """Cell text shown literally by rich (no markup: "cnm[ffcv]" must stay as it is)."""
-    from rich.markup import escape
-
     return escape(str(text))
 
 
-def augment_table(doc: dict):
-    """A rich Table of an augment bench document."""
-    from rich.table import Table
+@dataclass(frozen=True)
+class Column:
+    """One table column: header, cell of an available row, justification."""
 
+    header: str
+    cell: Callable[[dict], str]
+    justify: str = "right"
+
+
+def _range(r: dict) -> str:
+    ips = r["images_per_s"]
+    return f"{_fmt_rate(ips['min'])}-{_fmt_rate(ips['max'])}"
+
+
+def _bandwidth_note(r: dict) -> str:
+    if "bandwidth_gbps" not in r:
+        return ""
+    notes = [f"{r['bandwidth_gbps']['median']:,.1f} GB/s"]
+    if r.get("fraction_of_peak") is not None:
+        notes.append(f"{100 * r['fraction_of_peak']:.0f}% of {r['peak_gbps']:,.0f} GB/s peak")
+    else:
+        notes.append("peak unknown")
+    return ", ".join(notes)
+
+
+def _augment_caption(doc: dict) -> str:
     cfg, env = doc["config"], doc["env"]
-    caption = (f"images/s = samples/s with all {cfg['peers']} peer views finished on "
-               f"{env['device']} ({env.get('device_name')}); the {cfg['peers']} views of a sample "
-               f"count as one image. Median (min-max) of {cfg['repeats']} timed repeats after "
-               f"{cfg['warmup']} warm-up batches; x cpu = median / cpu median of this run. "
-               f"Batch {cfg['batch_size']}, mode {cfg['mode']}, {cfg['dtype_resolved']} views, "
-               f"{cfg.get('data_images')} images ({cfg['data']}).{_load_note(env)}")
-    table = Table(title=_plain(f"cnm bench — augmentation pipelines ({env.get('cpu_count')} CPUs, "
-                               f"commit {str(env.get('git_commit'))[:10]})"), caption=_plain(caption),
-                  caption_justify="left")
-    table.add_column("pipeline", no_wrap=True)
-    table.add_column("images/s (median)", justify="right", no_wrap=True)
-    table.add_column("min-max", justify="right", no_wrap=True)
-    table.add_column("x cpu", justify="right", no_wrap=True)
-    table.add_column("host MB", justify="right", no_wrap=True)
-    table.add_column("device MB", justify="right", no_wrap=True)
-    table.add_column("notes")
-    for r in doc["results"]:
-        if not r["available"]:
-            table.add_row(_plain(r["pipeline"]), "unavailable", "", "", "", "",
-                          _plain(r.get("reason", "")), style="dim")
-            continue
-        ips = r["images_per_s"]
-        notes = []
-        if "bandwidth_gbps" in r:
-            notes.append(f"{r['bandwidth_gbps']['median']:,.1f} GB/s")
-            if r.get("fraction_of_peak") is not None:
-                notes.append(f"{100 * r['fraction_of_peak']:.0f}% of {r['peak_gbps']:,.0f} GB/s peak")
-            else:
-                notes.append("peak unknown")
-        table.add_row(_plain(r["pipeline"]), _fmt_rate(ips["median"]),
-                      f"{_fmt_rate(ips['min'])}-{_fmt_rate(ips['max'])}",
-                      _fmt(r.get("ratio_to_cpu"), ".1f", "x"),
-                      _fmt(r.get("peak_host_mb")), _fmt(r.get("peak_device_mb")), _plain(", ".join(notes)))
-    return table
+    return (f"images/s = samples/s with all {cfg['peers']} peer views finished on "
+            f"{env['device']} ({env.get('device_name')}); the {cfg['peers']} views of a sample "
+            f"count as one image. Median (min-max) of {cfg['repeats']} timed repeats after "
+            f"{cfg['warmup']} warm-up batches; x cpu = median / cpu median of this run. "
+            f"Batch {cfg['batch_size']}, mode {cfg['mode']}, {cfg['dtype_resolved']} views, "
+            f"{cfg.get('data_images')} images ({cfg['data']}).{_load_note(env)}")
 
 
-def train_table(doc: dict):
-    """A rich Table of a train-step bench document."""
-    from rich.table import Table
-
+def _train_caption(doc: dict) -> str:
     cfg, env = doc["config"], doc["env"]
-    caption = (f"{cfg['arch']} x {cfg['peers']} peers, batch {cfg['batch_size']} (each sample "
-               f"with its {cfg['peers']} views counts as one image); a step = augment + forward + "
-               f"backward + optimiser + EMA. Median (min-max) of {cfg['repeats']} repeats after "
-               f"{_warmup(doc)} warm-up steps; x eager = median / eager-fp32 median.{_load_note(env)}")
-    table = Table(title=_plain(f"cnm bench train — {env['device']} ({env.get('device_name')}), "
-                               f"commit {str(env.get('git_commit'))[:10]}"), caption=_plain(caption),
-                  caption_justify="left")
-    table.add_column("variant", no_wrap=True)
-    table.add_column("images/s (median)", justify="right", no_wrap=True)
-    table.add_column("min-max", justify="right", no_wrap=True)
-    table.add_column("ms/step", justify="right", no_wrap=True)
-    table.add_column("x eager", justify="right", no_wrap=True)
-    table.add_column("host MB", justify="right", no_wrap=True)
-    table.add_column("device MB", justify="right", no_wrap=True)
-    table.add_column("notes")
-    for r in doc["results"]:
-        if not r["available"]:
-            table.add_row(_plain(r["variant"]), "n/a", "", "", "", "", "", _plain(r.get("reason", "")),
-                          style="dim")
-            continue
-        ips = r["images_per_s"]
-        table.add_row(_plain(r["variant"]), _fmt_rate(ips["median"]),
-                      f"{_fmt_rate(ips['min'])}-{_fmt_rate(ips['max'])}",
-                      _fmt(r["ms_per_step"]["median"], ",.1f"),
-                      _fmt(r.get("ratio_to_eager"), ".2f", "x"),
-                      _fmt(r.get("peak_host_mb")), _fmt(r.get("peak_device_mb")),
-                      _plain(r.get("settings_text", "")))
-    return table
+    return (f"{cfg['arch']} x {cfg['peers']} peers, batch {cfg['batch_size']} (each sample "
+            f"with its {cfg['peers']} views counts as one image); a step = augment + forward + "
+            f"backward + optimiser + EMA. Median (min-max) of {cfg['repeats']} repeats after "
+            f"{_warmup(doc)} warm-up steps; x eager = median / eager-fp32 median.{_load_note(env)}")
+
+
+@dataclass(frozen=True)
+class View:
+    """How one kind of bench document is shown: the row name, the columns, title and caption."""
+
+    key: str                      # the row's name field ("pipeline", "variant")
+    unavailable: str              # the text in the first column of an unavailable row
+    columns: tuple[Column, ...]
+    title: Callable[[dict], str]
+    caption: Callable[[dict], str]
+    ratio: str                    # the ratio field ("ratio_to_cpu", "ratio_to_eager")
+
+
+def _op_caption(doc: dict) -> str:
+    cfg, env, peak = doc["config"], doc["env"], doc["peak"]
+    return (f"Cut^nMix P={cfg['peers']}, mode {cfg['mode']}, {cfg['dtype_resolved']} views on "
+            f"{env['device']} ({env.get('device_name')}). Median (min-max) of {cfg['repeats']} timed "
+            f"regions of back-to-back calls (or CUDA-graph replays) after {cfg['warmup']} warm-up "
+            f"calls. GB/s counts the uint8 source, the partners' box pixels read by every view and "
+            f"the views written; peak {peak['gbps']:,.1f} GB/s ({peak['source']}); x torch = median "
+            f"/ the torch row of the same B.{_load_note(env)}")
+
+
+def _pct(r: dict) -> str:
+    f = r.get("fraction_of_peak")
+    return "-" if f is None else f"{100 * f:.1f}%"
+
+
+VIEWS = {
+    "augment": View(
+        key="pipeline", unavailable="unavailable", ratio="ratio_to_cpu",
+        columns=(Column("images/s (median)", lambda r: _fmt_rate(r["images_per_s"]["median"])),
+                 Column("min-max", _range),
+                 Column("x cpu", lambda r: _fmt(r.get("ratio_to_cpu"), ".1f", "x")),
+                 Column("host MB", lambda r: _fmt(r.get("peak_host_mb"))),
+                 Column("device MB", lambda r: _fmt(r.get("peak_device_mb"))),
+                 Column("notes", _bandwidth_note, "left")),
+        title=lambda doc: (f"cnm bench — augmentation pipelines ({doc['env'].get('cpu_count')} CPUs, "
+                           f"commit {str(doc['env'].get('git_commit'))[:10]})"),
+        caption=_augment_caption),
+    "train": View(
+        key="variant", unavailable="n/a", ratio="ratio_to_eager",
+        columns=(Column("images/s (median)", lambda r: _fmt_rate(r["images_per_s"]["median"])),
+                 Column("min-max", _range),
+                 Column("ms/step", lambda r: _fmt(r["ms_per_step"]["median"], ",.1f")),
+                 Column("x eager", lambda r: _fmt(r.get("ratio_to_eager"), ".2f", "x")),
+                 Column("host MB", lambda r: _fmt(r.get("peak_host_mb"))),
+                 Column("device MB", lambda r: _fmt(r.get("peak_device_mb"))),
+                 Column("notes", lambda r: r.get("settings_text", ""), "left")),
+        title=lambda doc: (f"cnm bench train — {doc['env']['device']} ({doc['env'].get('device_name')}), "
+                           f"commit {str(doc['env'].get('git_commit'))[:10]}"),
+        caption=_train_caption),
+    "op": View(
+        key="pipeline", unavailable="n/a", ratio="ratio_to_torch",
+        columns=(Column("B", lambda r: f"{r['batch']:,}"),
+                 Column("us/call", lambda r: _fmt(r["us_per_call"]["median"], ",.1f")),
+                 Column("images/s (median)", lambda r: _fmt_rate(r["images_per_s"]["median"])),
+                 Column("GB/s", lambda r: _fmt(r["bandwidth_gbps"]["median"], ",.1f")),
+                 Column("% peak", _pct),
+                 Column("x torch", lambda r: _fmt(r.get("ratio_to_torch"), ".1f", "x")),
+                 Column("notes", lambda r: f"{r['launches_per_repeat']} calls/region", "left")),
+        title=lambda doc: (f"cnm bench op — the Cut^nMix op alone, {doc['env']['device']} "
+                           f"({doc['env'].get('device_name')}), commit {str(doc['env'].get('git_commit'))[:10]}"),
+        caption=_op_caption),
+}
 
 
 def table(doc: dict):
-    return train_table(doc) if doc.get("bench") == "train" else augment_table(doc)
+    """A rich Table of a bench document (its kind's `View`); reasons and names shown literally."""
+    view = VIEWS[doc.get("bench", "augment")]
+    t = Table(title=_plain(view.title(doc)), caption=_plain(view.caption(doc)), caption_justify="left")
+    t.add_column(view.key, no_wrap=True)
+    for c in view.columns:
+        t.add_column(c.header, justify=c.justify, no_wrap=c.justify == "right")
+    for r in doc["results"]:
+        name = _plain(r.get(view.key, r.get("pipeline")))
+        if not r["available"]:
+            blanks = [""] * (len(view.columns) - 2)
+            t.add_row(name, view.unavailable, *blanks, _plain(r.get("reason", "")), style="dim")
+        else:
+            t.add_row(name, *(_plain(c.cell(r)) for c in view.columns))
+    return t
 
 
 def markdown_table(doc: dict) -> str:
-    """The results as a GitHub Markdown table (for the README)."""
-    train = doc.get("bench") == "train"
-    if train:
-        lines = ["| variant | images/s (median) | min–max | ms/step | × eager |", "|---|--:|--:|--:|--:|"]
-    else:
-        lines = ["| pipeline | images/s (median) | min–max | × cpu | peak host MB | peak device MB |",
-                 "|---|--:|--:|--:|--:|--:|"]
+    """The results as a GitHub Markdown table (for the README): the table's columns but notes
+    and memory (augment: memory kept, notes left out; train: ms/step and ratio only)."""
+    view = VIEWS[doc.get("bench", "augment")]
+    keep = {"augment": ("images/s (median)", "min-max", "x cpu", "host MB", "device MB"),
+            "train": ("images/s (median)", "min-max", "ms/step", "x eager")}[doc.get("bench", "augment")]
+    headers = {"min-max": "min–max", "x cpu": "× cpu", "x eager": "× eager",
+               "host MB": "peak host MB", "device MB": "peak device MB"}
+    cols = [c for c in view.columns if c.header in keep]
+    lines = ["| " + " | ".join([view.key] + [headers.get(c.header, c.header) for c in cols]) + " |",
+             "|---|" + "--:|" * len(cols)]
     for r in doc["results"]:
-        name = r.get("variant", r["pipeline"])
+        name = r.get(view.key, r["pipeline"])
         if not r["available"]:
-            lines.append(f"| {name} | unavailable: {r.get('reason', '')} |" + " |" * (3 if train else 4))
+            lines.append(f"| {name} | unavailable: {r.get('reason', '')} |" + " |" * (len(cols) - 1))
             continue
-        ips = r["images_per_s"]
-        rng = f"{_fmt_rate(ips['min'])}–{_fmt_rate(ips['max'])}"
-        if train:
-            lines.append(f"| {name} | {_fmt_rate(ips['median'])} | {rng} | "
-                         f"{r['ms_per_step']['median']:,.1f} | {_fmt(r.get('ratio_to_eager'), '.2f', '×')} |")
-        else:
-            lines.append(f"| {name} | {_fmt_rate(ips['median'])} | {rng} | "
-                         f"{_fmt(r.get('ratio_to_cpu'), '.1f', '×')} | {_fmt(r.get('peak_host_mb'))} | "
-                         f"{_fmt(r.get('peak_device_mb'))} |")
+        cells = [c.cell(r).replace("-", "–") if c.header == "min-max" else c.cell(r) for c in cols]
+        cells = [x[:-1] + "×" if x.endswith("x") and x[:-1].replace(".", "").isdigit() else x for x in cells]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -384,21 +323,12 @@ def plot(doc: dict, path: str | os.PathLike) -> Path:
     ax.set_title(f"cnm bench {doc.get('bench', 'augment')} — {env.get('device_name')} "
                  f"({str(env.get('git_commit'))[:10]})", fontsize=10)
     for y, (m, r) in zip(ys, zip(med, rows)):
-        ratio = r.get("ratio_to_cpu") if key == "pipeline" else r.get("ratio_to_eager")
+        ratio = r.get(VIEWS[doc.get("bench", "augment")].ratio)
         label = f"{m:,.0f}" + (f"  ({ratio:.1f}x)" if ratio is not None else "")
         ax.text(r["images_per_s"]["max"] * 1.15, y, label, va="center", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-        os.close(fd)
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise CnmError(f"{path}: cannot write the plot ({e.strerror or e})") from None
+        path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), "write the plot")
     finally:
         plt.close(fig)
     return path

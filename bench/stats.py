@@ -55,14 +55,31 @@ def ratio(value: float | None, baseline: float | None) -> float | None:
 
 
 def op_bytes(batch: int, height: int, width: int, peers: int, out_itemsize: int,
-             channels: int = 3) -> int:
-    """Minimum memory traffic of one Cut^nMix call on a batch, in bytes.
+             channels: int = 3, partner_pixels: int = 0) -> int:
+    """Memory traffic of one Cut^nMix call on a batch, in bytes.
 
-    Reads the uint8 source once (B*H*W*C bytes) and writes P views of B*C*H*W elements of the
-    output dtype. Labels, the permutation and the random parameters are O(B) and left out.
+    Reads the uint8 source once (B*H*W*C bytes), reads `partner_pixels` uint8 pixels of the
+    partners (the boxes pasted into the views, `partner_pixels`; 0: the minimum traffic) and
+    writes P views of B*C*H*W elements of the output dtype. Labels, the permutation and the
+    random parameters are O(B) and left out.
     """
     src = batch * height * width * channels
-    return src + peers * batch * channels * height * width * out_itemsize
+    return src + partner_pixels * channels + peers * batch * channels * height * width * out_itemsize
+
+
+def partner_pixels(mode: str, box_areas: Sequence[int], mixed: int, peers: int, height: int,
+                   width: int) -> int:
+    """Pixels one call reads from the partner images, counted per peer view.
+
+    box modes (cutnmix, cutmix): every view of a mixed sample reads its box from the partner
+    (box_areas: box_h*box_w per sample, 0 where not mixed); mixup: every view of a mixed sample
+    blends the whole partner image (`mixed` samples); none: nothing.
+    """
+    if mode in ("cutnmix", "cutmix"):
+        return peers * int(sum(box_areas))
+    if mode == "mixup":
+        return peers * int(mixed) * height * width
+    return 0
 
 
 def bandwidth_gbps(bytes_per_call: float, seconds_per_call: float) -> float:

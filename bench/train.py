@@ -1,38 +1,34 @@
 """`cnm bench train`: throughput of the whole train step of the peer ensemble.
 
-A step is what `cnm train` runs per batch (trainer/step.py): Cut^nMix on the device, forward of
-the P peers (and the EMA teacher), the online-distillation loss, backward, SGD, EMA update. It
-is timed on one fixed device-resident batch of `--batch-size` random CIFAR-shaped images, so
-loading is left out (`cnm bench` measures that). Images/s counts samples (the P views of a
-sample are one image); ms/step is the wall time of one step with the device synchronised at the
-end of every timed region.
+A step is what `cnm train` runs per batch: Cut^nMix on the device, forward of the P peers (and
+the EMA teacher), the online-distillation loss, backward, SGD, EMA update; timed on one fixed
+device-resident batch (loading left out), by `bench.harness.measure`. Images/s counts samples
+(P views = one image); ms/step is the wall time of one step.
 
-Variants, each adding to the previous where it applies (DESIGN.md, "Speed"):
-
-- `eager-fp32`         loop over peers, NCHW, fp32, eager (the plain PyTorch reference);
-- `channels-last`      + channels-last memory format (fp32);
-- `channels-last+bf16` + bf16 autocast (CUDA);
-- `+cuda-graphs`       + the whole step captured in one CUDA graph (CUDA);
-- `+grouped`           + the P peers run as one grouped network (groups=P convolutions); on a
-                       CPU on top of `channels-last` in fp32.
-
-Variants that do not apply on the device are reported `available: false` ("not applicable on
-cpu"), not skipped silently.
+Variants register here (`REGISTRY`, table order), each adding to the previous where it applies:
+`eager-fp32` (the plain PyTorch reference), `channels-last`, `channels-last+bf16` (CUDA),
+`+cuda-graphs` (CUDA), `+grouped` (the P peers as one groups=P network; on a CPU on top of
+`channels-last` in fp32). A variant that does not apply on the device is a row `available:
+false` ("not applicable on cpu"). See docs/performance.md#the-train-step.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
-from bench import harness, stats
-from bench.augment import Unavailable, Workload, _one_line, _round, calibrate, resolve_device
+from bench import harness, isolated, stats
+from bench.harness import Workload, option
+from pipeline.environment import load_average, run_environment
 from pipeline.errors import CnmError
+from pipeline.ops import MODES
+from trainer.models import check_arch
+from trainer.step import build_bench_step
+
+BASELINE = "eager-fp32"
 
 
 @dataclass(frozen=True)
@@ -57,47 +53,72 @@ class Variant:
         return " ".join(parts)
 
 
-VARIANT_NAMES = ("eager-fp32", "channels-last", "channels-last+bf16", "+cuda-graphs", "+grouped")
+# name -> (device -> Variant), in table order; see the module docstring
+REGISTRY = harness.Registry("variant")
+
+
+@REGISTRY.register("eager-fp32", "loop over peers, NCHW, fp32, eager (the plain PyTorch reference)")
+def _eager(device: torch.device) -> Variant:
+    return Variant("eager-fp32", False, False, False, "loop")
+
+
+@REGISTRY.register("channels-last", "+ channels-last memory format (fp32)")
+def _channels_last(device: torch.device) -> Variant:
+    return Variant("channels-last", True, False, False, "loop")
+
+
+@REGISTRY.register("channels-last+bf16", "+ bf16 autocast (CUDA)")
+def _bf16(device: torch.device) -> Variant:
+    return Variant("channels-last+bf16", True, True, False, "loop", cuda_only=True)
+
+
+@REGISTRY.register("+cuda-graphs", "+ the whole step captured in one CUDA graph (CUDA)")
+def _graphs(device: torch.device) -> Variant:
+    return Variant("+cuda-graphs", True, True, True, "loop", cuda_only=True)
+
+
+@REGISTRY.register("+grouped", "+ the P peers as one grouped network (on a CPU: channels-last fp32)")
+def _grouped(device: torch.device) -> Variant:
+    cuda = device.type == "cuda"
+    return Variant("+grouped", True, cuda, cuda, "grouped")
+
+
+VARIANT_NAMES = REGISTRY.names()
 
 
 def variants_for(device: torch.device) -> list[Variant]:
-    """The five variants with the settings they have on `device` (see the module docstring)."""
-    cuda = device.type == "cuda"
-    return [
-        Variant("eager-fp32", False, False, False, "loop"),
-        Variant("channels-last", True, False, False, "loop"),
-        Variant("channels-last+bf16", True, True, False, "loop", cuda_only=True),
-        Variant("+cuda-graphs", True, True, True, "loop", cuda_only=True),
-        Variant("+grouped", True, cuda, cuda, "grouped"),
-    ]
+    """The variants with the settings they have on `device` (see the module docstring)."""
+    return [REGISTRY[name].build(device) for name in VARIANT_NAMES]
+
+
+def variant_for(name: str, device: torch.device) -> Variant:
+    return REGISTRY[name].build(device)
 
 
 @dataclass
 class TrainBenchConfig:
-    """Settings of one `cnm bench train` run (1:1 with its flags)."""
+    """Settings of one `cnm bench train` run; each field is one flag (cnm/cmd_bench.py)."""
 
-    arch: str = "resnet32"
-    peers: int = 3
-    batch_size: int = 128
-    device: str = "auto"
-    num_classes: int = 100
-    mix: str = "cutnmix"
-    variants: tuple[str, ...] = VARIANT_NAMES
-    repeats: int = 5
-    steps: int | None = None       # steps per timed region; None: size regions by `seconds`
-    seconds: float = 1.0
-    warmup: int | None = None      # untimed steps first; None: 5 on CUDA (graph capture), 1 on CPU
-    seed: int = 0
+    arch: str = option("resnet32", "peer architecture")
+    peers: int = option(3, "number of peers")
+    batch_size: int = option(128, "training batch size")
+    device: str = option("auto", "auto | cuda | cuda:N | cpu")
+    num_classes: int = option(100, "classes of the classifier heads")
+    mix: str = option("cutnmix", "mixed-sample augmentation of the step", MODES)
+    variants: tuple[str, ...] = option(VARIANT_NAMES, "comma list of step variants to time",
+                                       VARIANT_NAMES, multiple=True)
+    repeats: int = option(5, "timed regions per variant")
+    steps: int | None = option(None, "train steps per timed region")
+    seconds: float = option(1.0, "without --steps: size each timed region to last about this long")
+    warmup: int | None = option(None, "untimed steps first (default 5 on CUDA, where the graph is "
+                                "captured; 1 on CPU)")
+    seed: int = option(0, "random seed")
 
     def validate(self) -> None:
-        unknown = [v for v in self.variants if v not in VARIANT_NAMES]
-        if unknown:
-            raise CnmError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANT_NAMES)}")
-        if not self.variants:
-            raise CnmError("--variants is empty; choose from " + ", ".join(VARIANT_NAMES))
+        harness.check_choices(self)
         for name in ("peers", "batch_size", "repeats", "num_classes"):
             if getattr(self, name) < 1:
-                raise CnmError(f"--{name.replace('_', '-')} must be >= 1")
+                raise CnmError(f"{harness.flag_name(name)} must be >= 1")
         if self.warmup is not None and self.warmup < 0:
             raise CnmError("--warmup must be >= 0")
         if self.steps is not None and self.steps < 1:
@@ -111,12 +132,8 @@ StepFactory = Callable[[TrainBenchConfig, Variant, torch.device], Workload]
 
 
 def default_step_factory(cfg: TrainBenchConfig, variant: Variant, device: torch.device) -> Workload:
-    """One real train step of `cnm train` (`trainer.step.build_bench_step`) on a fixed random
-    uint8 batch held on the device; `step()` launches one step without synchronising."""
-    try:
-        from trainer.step import build_bench_step
-    except ImportError as e:
-        raise Unavailable(f"trainer.step has no bench step factory ({_one_line(e)})") from None
+    """One real train step of `cnm train` (`build_bench_step`) on a fixed random uint8 batch held
+    on the device; `step()` launches one step without synchronising."""
     s = variant.settings()
     bench_step = build_bench_step(cfg.arch, cfg.peers, s["peer_exec"], device, bf16=s["bf16"],
                                   channels_last=s["channels_last"], cuda_graphs=s["cuda_graphs"],
@@ -138,102 +155,40 @@ def _not_applicable(variant: Variant, reason: str) -> dict:
             "peak_host_mb": None, "peak_device_mb": None}
 
 
-def run_variant(variant: Variant, factory: StepFactory, cfg: TrainBenchConfig, device: torch.device, *,
-                clock: harness.Clock, sync: Callable[[], None]) -> dict:
-    """Build, warm up and time one variant; its result row."""
+def run_variant(name: str, cfg: TrainBenchConfig, *, factory: StepFactory | None = None,
+                clock: harness.Clock = time.perf_counter,
+                sync: Callable[[], None] | None = None) -> dict:
+    """The row of variant `name` (`harness.measure`); a failure becomes an unavailable row."""
+    device = harness.resolve_device(cfg.device)
+    variant = variant_for(name, device)
     if variant.cuda_only and device.type != "cuda":
         return _not_applicable(variant, f"not applicable on {device.type} (needs CUDA)")
-    workload = None
-    mem = harness.PeakMemory(device)
-    try:
-        with mem:
-            try:
-                workload = factory(cfg, variant, device)
-            except (Unavailable, CnmError, ImportError) as e:
-                return _not_applicable(variant, _one_line(e))
-            warmup = cfg.warmup if cfg.warmup is not None else (5 if device.type == "cuda" else 1)
-            t0 = clock()
-            for _ in range(warmup):
-                workload.step()
-            sync()
-            warm = clock() - t0
-            steps = cfg.steps if cfg.steps is not None else calibrate(workload.step, sync, cfg.seconds,
-                                                                       clock=clock)
-            timings = harness.time_repeats(workload.step, warmup=0, per_repeat=steps,
-                                           repeats=cfg.repeats, sync=sync, clock=clock)
-    finally:
-        if workload is not None:
-            with contextlib.suppress(Exception):
-                workload.close()
-        workload = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    per_s = stats.rates(timings.items, timings.seconds)
-    step_counts = [steps] * len(timings.seconds)
-    return {
-        "variant": variant.name,
-        "pipeline": variant.name,
-        "available": True,
-        "settings": variant.settings(),
-        "settings_text": variant.text(),
-        "images_per_s": stats.summarize(per_s),
-        "ms_per_step": stats.summarize(stats.per_item_ms(step_counts, timings.seconds)),
-        "ratio_to_eager": None,  # filled in by add_ratios
-        "peak_host_mb": _round(mem.peak_host_mb),
-        "peak_device_mb": _round(mem.peak_device_mb),
-        "peak_device_growth_mb": _round(mem.peak_device_growth_mb),
-        "host_memory_method": mem.host_method,
-        "torch_threads": torch.get_num_threads(),
-        "repeats": cfg.repeats,
-        "steps_per_repeat": steps,
-        "images_per_repeat": timings.items,
-        "seconds_per_repeat": [round(s, 6) for s in timings.seconds],
-        "warmup_steps": warmup,
-        "warmup_seconds": round(warm, 6),
-    }
+    factory = factory or default_step_factory
+    warmup = cfg.warmup if cfg.warmup is not None else (5 if device.type == "cuda" else 1)
+
+    def run() -> dict:
+        m = harness.measure(lambda: factory(cfg, variant, device), device=device, warmup=warmup,
+                            repeats=cfg.repeats, steps=cfg.steps, seconds=cfg.seconds,
+                            clock=clock, sync=sync)
+        step_counts = [m.steps] * len(m.timings.seconds)
+        return {"variant": name, "pipeline": name, "available": True,
+                "settings": variant.settings(), "settings_text": variant.text(),
+                "ms_per_step": stats.summarize(
+                    stats.per_item_ms(step_counts, m.timings.seconds)),
+                "ratio_to_eager": None,  # filled in by add_ratios
+                **harness.timing_row(m, unit="steps")}
+
+    return harness.guarded(run, lambda reason: _not_applicable(variant, reason))
 
 
-def add_ratios(results: list[dict], baseline: str = "eager-fp32") -> None:
+def run_spec(spec: dict) -> dict:
+    """The row of `spec` computed in a child process (bench.isolated)."""
+    return run_variant(spec["name"], harness.config_from_dict(TrainBenchConfig, spec["config"]))
+
+
+def add_ratios(results: list[dict], baseline: str = BASELINE) -> None:
     """`ratio_to_eager` = median images/s / the eager-fp32 median (None without that row)."""
-    base = next((r for r in results if r["variant"] == baseline and r["available"]), None)
-    base_median = base["images_per_s"]["median"] if base else None
-    for r in results:
-        if r["available"]:
-            r["ratio_to_eager"] = stats.ratio(r["images_per_s"]["median"], base_median)
-
-
-def run_variant_guarded(name: str, cfg: TrainBenchConfig, *, factory: StepFactory | None = None,
-                        clock: harness.Clock = time.perf_counter,
-                        sync: Callable[[], None] | None = None) -> dict:
-    """The row of variant `name`; a failure while running becomes an unavailable row."""
-    device = resolve_device(cfg.device)
-    variant = {v.name: v for v in variants_for(device)}[name]
-    sync = sync or harness.device_sync(device)
-    try:
-        return run_variant(variant, factory or default_step_factory, cfg, device, clock=clock, sync=sync)
-    except (CnmError, ImportError) as e:
-        return _not_applicable(variant, f"failed while running: {_one_line(e)}")
-    except Exception as e:  # a broken variant must not lose the others' figures
-        row = _not_applicable(variant, f"failed while running: {e.__class__.__name__}: {_one_line(e)}")
-        row["failed"] = True
-        return row
-
-
-def config_from_dict(values: dict) -> TrainBenchConfig:
-    values = dict(values)
-    values["variants"] = tuple(values["variants"])
-    return TrainBenchConfig(**values)
-
-
-def _check_archs(arch: str) -> None:
-    """A one-line CnmError for an unknown --arch before anything is built."""
-    try:
-        from trainer.models import check_arch
-    except ImportError:
-        return
-    for name in arch.split(","):
-        check_arch(name.strip())
+    harness.add_ratios(results, key="variant", baseline=baseline, field="ratio_to_eager")
 
 
 def run_train_bench(cfg: TrainBenchConfig, *, factory: StepFactory | None = None,
@@ -246,32 +201,27 @@ def run_train_bench(cfg: TrainBenchConfig, *, factory: StepFactory | None = None
              one variant sets (cuDNN autotuning, the CUDA allocator pool, threads) cannot favour
              or penalise the next (`cnm bench train` does).
     """
-    from bench.report import load_average, environment
-
     cfg.validate()
     if isolate and (factory is not None or sync is not None or clock is not time.perf_counter):
         raise ValueError("isolate=True times the real step: no injected factory, clock or sync")
-    factory = factory or default_step_factory
     say = progress or (lambda msg: None)
-    if factory is default_step_factory:
-        _check_archs(cfg.arch)
-    device = resolve_device(cfg.device)
-    env = environment(device)  # before the run: its date and load average are the start's
-    sync = sync or harness.device_sync(device)
+    if factory is None:
+        for arch in cfg.arch.split(","):  # a one-line error before anything is built
+            check_arch(arch.strip())
+    device = harness.resolve_device(cfg.device)
+    env = run_environment(device)  # before the run: its date and load average are the start's
     results = []
     for name in cfg.variants:
         say(f"timing {name}" + (" (in its own process)" if isolate else ""))
-        variant = {v.name: v for v in variants_for(device)}[name]
+        variant = variant_for(name, device)
         if variant.cuda_only and device.type != "cuda":
             row = _not_applicable(variant, f"not applicable on {device.type} (needs CUDA)")
         elif isolate:
-            from bench.isolated import run_isolated
-
-            row = run_isolated({"kind": "train", "config": asdict(cfg), "variant": name})
+            row = isolated.run_isolated({"module": __name__, "config": asdict(cfg), "name": name})
             if "variant" not in row:
                 row = _not_applicable(variant, row["reason"]) | {"failed": True}
         else:
-            row = run_variant_guarded(name, cfg, factory=factory, clock=clock, sync=sync)
+            row = run_variant(name, cfg, factory=factory, clock=clock, sync=sync)
         results.append(row)
         if row["available"]:
             say(f"  {name}: {row['images_per_s']['median']:,.0f} images/s, "
@@ -287,18 +237,8 @@ def run_train_bench(cfg: TrainBenchConfig, *, factory: StepFactory | None = None
         "bench": "train",
         "unit": ("images/s: training samples per second (each sample's P peer views count as one "
                  "image); ms/step: wall time of one train step"),
-        "baseline": "eager-fp32",
+        "baseline": BASELINE,
         "env": env | {"load_average_end": load_average()},
         "config": config,
         "results": results,
     }
-
-
-__all__ = [
-    "VARIANT_NAMES",
-    "TrainBenchConfig",
-    "Variant",
-    "default_step_factory",
-    "run_train_bench",
-    "variants_for",
-]

@@ -1,41 +1,30 @@
-"""`cnm bench` (augmentation pipelines) and `cnm bench train` (the train step): CLI wiring only.
+"""`cnm bench` (augmentation pipelines), `cnm bench train` (the train step), `cnm bench op` (the
+Cut^nMix op alone): CLI wiring only.
 
-The measurement lives in bench/augment.py and bench/train.py, the presentation in
-bench/report.py.
+The options of each are generated 1:1 from the fields of its config dataclass
+(`bench.augment.AugmentConfig`, `bench.train.TrainBenchConfig`, `bench.op_speed.OpSpeedConfig`) by `bench.harness.config_options`,
+as `cnm train`'s are from `TrainConfig`; the measurement lives in those modules, the
+presentation in bench/report.py.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import click
+from rich.console import Console
 
-from pipeline.errors import CnmError
+from bench import op_speed, report
+from bench.augment import AugmentConfig, run_augment_bench
+from bench.harness import config_options, make_config
+from bench.train import TrainBenchConfig, run_train_bench
 
-PIPELINE_CHOICES = ("cpu", "ffcv", "dali", "dali-native", "resident", "op")
-VARIANT_CHOICES = ("eager-fp32", "channels-last", "channels-last+bf16", "+cuda-graphs", "+grouped")
-
-
-def _comma_list(value: str, choices: tuple[str, ...], flag: str) -> tuple[str, ...]:
-    items = tuple(v.strip() for v in value.split(",") if v.strip())
-    if not items:
-        raise CnmError(f"{flag} is empty; choose from {','.join(choices)}")
-    bad = [v for v in items if v not in choices]
-    if bad:
-        raise CnmError(f"{flag}: unknown {', '.join(bad)}; choose from {','.join(choices)}")
-    if len(set(items)) != len(items):
-        raise CnmError(f"{flag}: {value} names an entry twice")
-    return items
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
 def _emit(doc: dict, *, json_path, save: bool, results_dir, plot_path, quiet: bool) -> None:
     """Print the table, then write --json, --save and --plot outputs."""
-    import shutil
-
-    from rich.console import Console
-
-    from bench import report
-
     # a wide table even when stdout is a file or a pipe (rich would assume 80 columns)
     Console(width=max(shutil.get_terminal_size((160, 24)).columns, 140)).print(report.table(doc))
     if json_path:
@@ -75,95 +64,41 @@ def _output_options(f):
     return f
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", default="synthetic", show_default=True,
-              help="a `cnm prepare` directory, or `synthetic` for a temporary random CIFAR-shaped set")
-@click.option("--synthetic-images", default=50000, show_default=True, type=int,
-              help="train images in the synthetic set")
-@click.option("--device", default="auto", show_default=True, help="auto | cuda | cuda:N | cpu")
-@click.option("--peers", default=3, show_default=True, type=int, help="views per sample (P)")
-@click.option("--batch-size", default=512, show_default=True, type=int)
-@click.option("--mode", default="cutnmix", show_default=True,
-              type=click.Choice(["cutnmix", "cutmix", "mixup", "none"]))
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
-              help="dtype of the views (auto: bf16 on CUDA, fp32 on CPU)")
-@click.option("--pipelines", default=",".join(PIPELINE_CHOICES), show_default=True,
-              help="comma list of pipelines to time, in order")
-@click.option("--repeats", default=5, show_default=True, type=int, help="timed regions per pipeline")
-@click.option("--batches", default=None, type=int, help="batches per timed region")
-@click.option("--images", default=None, type=int, help="images per timed region (whole batches)")
-@click.option("--seconds", default=1.0, show_default=True, type=float,
-              help="without --batches/--images: size each timed region to last about this long")
-@click.option("--warmup", default=3, show_default=True, type=int, help="untimed batches first")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--op-batch-size", default=None, type=int,
-              help="batch of the `op` row (default: --batch-size; use e.g. 65536 for its bandwidth)")
-@click.option("--peak-gbps", default=None, type=float,
-              help="device peak memory bandwidth in GB/s (default: datasheet value by device name)")
+def _run(doc_of, cfg, *, json_path, save, results_dir, plot_path, isolate, quiet) -> None:
+    if plot_path:  # fail before a long run, not after it
+        report.require_matplotlib()
+    doc = doc_of(cfg, progress=_progress(quiet), isolate=isolate)
+    _emit(doc, json_path=json_path, save=save, results_dir=results_dir, plot_path=plot_path, quiet=quiet)
+
+
+@click.group(invoke_without_command=True, context_settings=CONTEXT)
+@config_options(AugmentConfig)
 @_output_options
 @click.pass_context
-def bench(ctx, data, synthetic_images, device, peers, batch_size, mode, dtype, pipelines, repeats,
-          batches, images, seconds, warmup, seed, op_batch_size, peak_gbps, json_path, save, results_dir,
-          plot_path, isolate, quiet):
+def bench(ctx, json_path, save, results_dir, plot_path, isolate, quiet, **flags):
     """Augmentation throughput: images/s with all peer views finished on the device, for every
     pipeline (cpu baseline, ffcv, dali, dali-native, resident, the op alone), side by side.
 
-    `cnm bench train` measures the train step instead (see `cnm bench train --help`).
+    `cnm bench train` measures the train step instead, `cnm bench op` the op's kernel alone
+    (see their --help).
     """
     if ctx.invoked_subcommand is not None:
         return
-    from bench.augment import AugmentConfig, run_augment_bench
-
-    cfg = AugmentConfig(data=data, device=device, peers=peers, batch_size=batch_size, mode=mode,
-                        pipelines=_comma_list(pipelines, PIPELINE_CHOICES, "--pipelines"),
-                        repeats=repeats, batches=batches, images=images, seconds=seconds,
-                        warmup=warmup, seed=seed, dtype=dtype, synthetic_images=synthetic_images,
-                        peak_gbps=peak_gbps, op_batch_size=op_batch_size)
-    cfg.validate()
-    if plot_path:  # fail before a long run, not after it
-        from bench.report import require_matplotlib
-
-        require_matplotlib()
-    doc = run_augment_bench(cfg, progress=_progress(quiet), isolate=isolate)
-    _emit(doc, json_path=json_path, save=save, results_dir=results_dir, plot_path=plot_path, quiet=quiet)
+    _run(run_augment_bench, make_config(AugmentConfig, flags), json_path=json_path, save=save,
+         results_dir=results_dir, plot_path=plot_path, isolate=isolate, quiet=quiet)
 
 
-@bench.command("train", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--arch", default="resnet32", show_default=True, help="peer architecture")
-@click.option("--peers", default=3, show_default=True, type=int)
-@click.option("--batch-size", default=128, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, help="auto | cuda | cuda:N | cpu")
-@click.option("--num-classes", default=100, show_default=True, type=int)
-@click.option("--mix", default="cutnmix", show_default=True,
-              type=click.Choice(["cutnmix", "cutmix", "mixup", "none"]))
-@click.option("--variants", default=",".join(VARIANT_CHOICES), show_default=True,
-              help="comma list of step variants to time")
-@click.option("--repeats", default=5, show_default=True, type=int)
-@click.option("--steps", default=None, type=int, help="train steps per timed region")
-@click.option("--seconds", default=1.0, show_default=True, type=float,
-              help="without --steps: size each timed region to last about this long")
-@click.option("--warmup", default=None, type=int,
-              help="untimed steps first (default 5 on CUDA, where the graph is captured; 1 on CPU)")
-@click.option("--seed", default=0, show_default=True, type=int)
+@bench.command("train", context_settings=CONTEXT)
+@config_options(TrainBenchConfig)
 @_output_options
-def train(arch, peers, batch_size, device, num_classes, mix, variants, repeats, steps, seconds, warmup,
-          seed, json_path, save, results_dir, plot_path, isolate, quiet):
+def train(json_path, save, results_dir, plot_path, isolate, quiet, **flags):
     """Train-step throughput (images/s, ms/step) of the peer ensemble: eager fp32, channels-last,
     bf16, CUDA graphs, grouped peers (those that apply on the device)."""
-    from bench.train import TrainBenchConfig, run_train_bench
+    _run(run_train_bench, make_config(TrainBenchConfig, flags), json_path=json_path, save=save,
+         results_dir=results_dir, plot_path=plot_path, isolate=isolate, quiet=quiet)
 
-    cfg = TrainBenchConfig(arch=arch, peers=peers, batch_size=batch_size, device=device,
-                           num_classes=num_classes, mix=mix,
-                           variants=_comma_list(variants, VARIANT_CHOICES, "--variants"),
-                           repeats=repeats, steps=steps, seconds=seconds, warmup=warmup, seed=seed)
-    cfg.validate()
-    if plot_path:
-        from bench.report import require_matplotlib
 
-        require_matplotlib()
-    doc = run_train_bench(cfg, progress=_progress(quiet), isolate=isolate)
-    _emit(doc, json_path=json_path, save=save, results_dir=results_dir, plot_path=plot_path, quiet=quiet)
+bench.add_command(op_speed.command, "op")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 
 import click
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.environment import describe
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -13,15 +17,10 @@ import click
               help="Also import ffcv, DALI and triton to tell whether they work (several seconds).")
 def info(as_json, check):
     """Versions, CUDA device, and which loaders and kernels are usable here."""
-    from pipeline.environment import describe
-
     env = describe(import_backends=check)
     if as_json:
         click.echo(json.dumps(env, indent=2))
         return
-
-    from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     cuda = env["cuda"]
@@ -33,7 +32,7 @@ def info(as_json, check):
     for name, ver in env["packages"].items():
         t.add_row(name, ver or "[dim]not installed[/dim]")
     t.add_row("CUDA", cuda_words(cuda, env["packages"].get("torch")))
-    t.add_row("CPUs", str(env["cpu_count"]))
+    t.add_row("CPUs", f"{env['cpu_count']} ({env.get('cpu_model') or 'unknown model'})")
     t.add_row("git", f"{git['commit'][:12]}{' (dirty)' if git['dirty'] else ''}" if git else "-")
     console.print(t)
 

@@ -1,12 +1,15 @@
-"""What this machine offers cnm: versions, CUDA, and which loaders and kernels can run here.
+"""The one environment report: versions, CPU, CUDA, git, and which loaders and kernels run here.
 
-`describe()` is what `cnm info` prints and what `cnm bench` stores as the environment of its
-results. It never raises: a back-end that is missing or fails to import is reported as such
-(probed through `pipeline.backends`, which swallows import errors).
+`describe()` is what `cnm info` prints; `run_environment(device)` is `describe()` plus the flat
+keys every `cnm bench` result stores (date, device name, load average, threading variables; see
+bench/report.py for the schema). Neither raises: a back-end that is missing or fails to import is
+reported as such (probed through `pipeline.backends`, which swallows import errors). torch is
+imported inside the functions so that `cnm info` still reports a broken torch install.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import importlib.metadata
 import os
 import platform
@@ -45,6 +48,25 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (/proc/cpuinfo on Linux, platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages, rounded to 0.01 (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def git_info(root: Path = REPO_ROOT) -> dict | None:
@@ -137,7 +159,7 @@ def describe(import_backends: bool = True) -> dict:
     """A JSON-able description of this environment (never raises).
 
     Keys: python, platform, packages {name: version | None}, cuda (see `cuda_info`), cpu_count,
-    git ({"commit", "dirty"} | None), loaders / kernels ({name: {"usable", "note"}}),
+    cpu_model, git ({"commit", "dirty"} | None), loaders / kernels ({name: {"usable", "note"}}),
     usable_loaders / usable_kernels (names, in preference order). `import_backends=False` does
     not import ffcv, DALI or triton (seconds): an installed one has "usable": None and is not
     counted as usable.
@@ -157,9 +179,66 @@ def describe(import_backends: bool = True) -> dict:
     cuda = cuda_info()
     out["cuda"] = cuda
     out["cpu_count"] = cpu_count()
+    out["cpu_model"] = cpu_model()
     out["git"] = git_info()
     out["loaders"] = loaders_info(cuda["available"], import_backends)
     out["kernels"] = kernels_info(cuda["available"], import_backends)
     out["usable_loaders"] = [k for k, v in out["loaders"].items() if v["usable"] is True]
     out["usable_kernels"] = [k for k, v in out["kernels"].items() if v["usable"] is True]
     return out
+
+
+# environment variables that change CPU threading (and so the figures) when set
+THREADING_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
+                  "NUMBA_THREADING_LAYER", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+
+
+def device_name(device) -> str:
+    """The name of a torch device: the GPU's (torch.cuda.get_device_name), or the CPU model."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model() or "cpu"
+
+
+def run_environment(device) -> dict:
+    """What a benchmark result depends on: `describe()` plus flat keys for `device` (a
+    torch.device or its name): date (UTC, ISO), device, device_name, device_memory_gb and
+    device_capability (CUDA), cpu_model, cpu_count, load_average (at the call), python,
+    platform, torch, cuda, ffcv, dali, triton, numba, threading_env, git_commit, git_dirty.
+    The flat keys win over `describe()`'s where both have one."""
+    import torch
+
+    device = torch.device(device)
+    env = describe()
+    git = env.get("git") or {}
+    gpu = {}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = {"device_memory_gb": round(props.total_memory / 1e9, 1),
+               "device_capability": f"{props.major}.{props.minor}"}
+    flat = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": device_name(device),
+        **gpu,
+        "cpu_model": cpu_model(),
+        "cpu_count": cpu_count(),
+        # the machine's load when the run started: on a shared machine, figures taken under a
+        # load above the CPU count are slowed by contention and are not comparable
+        "load_average": load_average(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "ffcv": backends.version("ffcv"),
+        "dali": backends.version("nvidia.dali"),
+        "triton": backends.version("triton"),
+        "numba": _dist_version("numba"),
+        "threading_env": {k: os.environ[k] for k in THREADING_VARS if k in os.environ},
+        "git_commit": git.get("commit"),
+        "git_dirty": git.get("dirty"),
+    }
+    return env | flat

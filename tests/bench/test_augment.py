@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from bench import report
-from bench.augment import AugmentConfig, Workload, run_augment_bench
+from bench.augment import AugmentConfig, run_augment_bench
+from bench.harness import Workload
+from bench.peaks import lookup
 from pipeline import backends
 from pipeline.errors import CnmError
 
@@ -261,18 +263,16 @@ def test_real_pipelines_end_to_end_cuda():
         assert rows[name]["peak_device_mb"] > 0
     assert doc["config"]["dtype_resolved"] == "bfloat16"
     assert rows["op"]["bytes_per_image"] == 3072 + 3 * 3072 * 2
-    from bench.peaks import peak_bandwidth_gbps
-
-    if peak_bandwidth_gbps(doc["env"]["device_name"]) is not None:
+    if lookup(doc["env"]["device_name"]) is not None:
         assert 0 < rows["op"]["fraction_of_peak"] < 1.5
 
 
 def test_isolated_child_failure_becomes_a_row():
     from bench.isolated import run_isolated
 
-    row = run_isolated({"kind": "no-such-kind"})
+    row = run_isolated({"module": "os"})  # only the bench row modules may be named
     assert row["available"] is False and row["failed"] is True
-    assert row["reason"] == "failed in its own process (exit status 1): unknown spec kind 'no-such-kind'"
+    assert row["reason"] == "failed in its own process (exit status 1): unknown row module 'os'"
 
 
 def test_isolate_refuses_injected_fakes():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import report
+from pipeline.environment import run_environment
 from pipeline.errors import CnmError
 
 
@@ -34,12 +35,15 @@ ROWS = [
 
 
 def test_environment_has_documented_keys():
-    env = report.environment(torch.device("cpu"))
+    env = run_environment(torch.device("cpu"))
     for key in ("date", "device", "device_name", "cpu_count", "torch", "ffcv", "dali", "triton",
                 "git_commit", "python"):
         assert key in env
     assert env["device"] == "cpu"
     assert env["torch"] == torch.__version__
+    # one report: everything `cnm info` describes is there too, the flat keys win
+    assert {"packages", "loaders", "kernels", "usable_loaders", "cpu_model"} <= set(env)
+    assert env["cuda"] == torch.version.cuda and env["device_name"] == (env["cpu_model"] or "cpu")
     assert env["cpu_count"] >= 1
     json.dumps(env)
 
@@ -121,3 +125,24 @@ def test_plot_with_matplotlib(tmp_path):
     pytest.importorskip("matplotlib")
     path = report.plot(doc_with(ROWS), tmp_path / "x.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_op_table_renders():
+    from rich.console import Console
+
+    rows = [{"pipeline": "numba kernel", "available": True, "batch": 512, "impl": "numba", "call": "kernel",
+             "timing": "back-to-back", "images_per_s": {"min": 9e5, "median": 1e6, "max": 1.1e6},
+             "us_per_call": {"min": 465.5, "median": 512.0, "max": 568.9},
+             "bandwidth_gbps": {"min": 19.0, "median": 21.5, "max": 23.0}, "fraction_of_peak": 0.4301,
+             "ratio_to_torch": 6.25, "launches_per_repeat": 40, "peak_host_mb": 1.0, "peak_device_mb": None},
+            {"pipeline": "numpy draw+kernel", "available": False, "batch": 512, "impl": "numpy",
+             "call": "draw+kernel", "timing": "back-to-back", "reason": "no parameter draw of its own"}]
+    doc = doc_with(rows, bench="op")
+    doc["peak"] = {"gbps": 50.0, "source": "measured cpu copy bandwidth"}
+    doc["config"]["dtype_resolved"] = "float32"
+    console = Console(width=220, record=True)
+    console.print(report.table(doc))
+    text = " ".join(console.export_text().split())
+    for cell in ("512.0", "1,000,000", "21.5", "43.0%", "6.2x", "40 calls/region",
+                 "no parameter draw of its own", "50.0 GB/s (measured cpu copy bandwidth)"):
+        assert cell in text, cell

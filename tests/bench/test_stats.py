@@ -54,6 +54,11 @@ def test_op_bytes_and_bandwidth():
     assert stats.fraction_of_peak(bw, None) is None
     with pytest.raises(ValueError):
         stats.bandwidth_gbps(1, 0.0)
+    # partner reads: uint8 pixels of the pasted boxes, C bytes each
+    assert stats.op_bytes(512, 32, 32, 3, 2, partner_pixels=1000) == 11_010_048 + 3000
+    assert stats.partner_pixels("cutnmix", [4, 0, 9], 2, 3, 32, 32) == 3 * 13
+    assert stats.partner_pixels("mixup", [0, 0], 2, 3, 32, 32) == 3 * 2 * 1024
+    assert stats.partner_pixels("none", [5], 1, 3, 32, 32) == 0
 
 
 @pytest.mark.parametrize("name, gbps", [
@@ -61,6 +66,9 @@ def test_op_bytes_and_bandwidth():
     ("NVIDIA H100 PCIe", 2000.0),
     ("NVIDIA H100 NVL", 3900.0),
     ("NVIDIA H200", 4800.0),
+    ("NVIDIA H200 NVL", 4800.0),
+    ("NVIDIA H20", 4000.0),
+    ("NVIDIA GH200 480GB", 4000.0),
     ("NVIDIA A100-SXM4-40GB", 1555.0),
     ("NVIDIA A100-SXM4-80GB", 2039.0),
     ("NVIDIA A100 80GB PCIe", 1935.0),
@@ -70,12 +78,18 @@ def test_op_bytes_and_bandwidth():
     ("Tesla V100-SXM2-16GB", 900.0),
 ])
 def test_known_peaks(name, gbps):
-    assert peaks.peak_bandwidth_gbps(name) == gbps
+    assert peaks.lookup(name)[0] == gbps
 
 
 def test_unknown_peak():
-    assert peaks.peak_bandwidth_gbps("Intel(R) Xeon(R) CPU @ 2.20GHz") is None
-    assert peaks.peak_bandwidth_gbps(None) is None
+    assert peaks.lookup("Intel(R) Xeon(R) CPU @ 2.20GHz") is None
+    assert peaks.lookup(None) is None
+
+
+def test_reference_peak_override_or_measured_copy():
+    assert peaks.reference_peak("cpu", 123.0) == (123.0, "--peak-gbps")
+    gbps, source = peaks.reference_peak("cpu", copy_bytes=1 << 20)
+    assert gbps > 0 and source == "measured cpu copy bandwidth (1 MiB buffer)"
 
 
 class FakeClock:
@@ -127,7 +141,6 @@ def test_sync_time_is_inside_the_region():
 
 
 def test_calibrate_sizes_regions():
-    from bench.augment import calibrate
 
     clock = FakeClock()
 
@@ -136,12 +149,12 @@ def test_calibrate_sizes_regions():
         return 1
 
     # 10 ms per step, 1 s target -> 100 steps per region
-    assert calibrate(step, lambda: None, 1.0, clock=clock, probe_s=0.1) == 100
+    assert harness.calibrate(step, lambda: None, 1.0, clock=clock, probe_s=0.1) == 100
     # a slow step still gives at least 2 steps per region
     def slow():
         clock.t += 5.0
         return 1
-    assert calibrate(slow, lambda: None, 1.0, clock=clock) == 2
+    assert harness.calibrate(slow, lambda: None, 1.0, clock=clock) == 2
 
 
 def test_peak_memory_cpu():

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from bench.augment import Workload
+from bench.harness import Workload
 from bench.train import VARIANT_NAMES, TrainBenchConfig, run_train_bench, variants_for
 from pipeline.errors import CnmError
 

@@ -41,6 +41,7 @@ def test_describe_is_complete_and_json_able():
     env = environment.describe()
     json.dumps(env)
     assert env["python"].count(".") == 2 and env["cpu_count"] >= 1
+    assert env["cpu_model"] is None or isinstance(env["cpu_model"], str)
     assert set(env["packages"]) >= {"torch", "numpy", "ffcv", "nvidia-dali", "triton"}
     assert env["packages"]["torch"] and env["packages"]["numpy"]
     assert set(env["cuda"]) >= {"available", "device", "devices", "device_count", "torch_cuda"}
