@@ -1,24 +1,25 @@
 """The project's one atomic file writer, and the clean-up of what a killed writer leaves.
 
-`atomic_write_bytes/json/text(path, ...)` write a temporary sibling `.NAME.tmp-HOST-PID-XXXXXXXX`,
-fsync it, `os.replace` it onto `path` and fsync the directory: a crash at any moment leaves
-either the old or the new complete file, never a mix. The file is created with mode
-`0o666 & ~umask` (like `open()`, unlike `mkstemp`'s 0600). A failed write (a full disk, an I/O
-error) removes the temporary file, leaves `path` as it was, and is one `CnmError` line naming
-`path`. The host and PID in the temporary name let the next run remove the files of a writer
-that was killed outright (`kill -9`, power loss) without touching a live writer's
-(`remove_stale_temps`). See docs/design.md#the-run-directory.
-"""
+`atomic_output(path)` (write the yielded temporary path by any means) and
+`atomic_write_bytes/json/text` write a temporary sibling `.NAME.tmp-HOST-PID-XXXXXXXX`, fsync
+it, `os.replace` it onto `path` and fsync the directory: a crash at any moment leaves either
+the old or the new complete file, never a mix. The file is created with mode `0o666 & ~umask`
+(like `open()`, unlike `mkstemp`'s 0600). A failed write (a full disk, an I/O error) removes
+the temporary file, leaves `path` as it was, and is one `CnmError` line naming `path`. The host
+and PID in the temporary name let the next run remove the files of a writer that was killed
+outright (`kill -9`, power loss) without touching a live writer's (`remove_stale_temps`).
+See docs/design.md#the-run-directory."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +101,16 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview, *,
-                       before_replace: Callable[[Path], None] | None = None) -> None:
-    """Write `data` to `path` atomically (temporary sibling, fsync, os.replace, directory fsync).
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *,
+                  before_replace: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield a new, empty temporary sibling of `path` to write by any means (os.write, savefig,
+    a download); when the block ends normally it is fsync'ed, passed to `before_replace(tmp)`
+    (to read it back and verify it, to keep the previous file), renamed onto `path`, and the
+    directory is fsync'ed.
 
-    `before_replace(tmp)` is called with the complete, fsync'ed temporary file just before it
-    replaces `path` (to read it back and verify it, to keep the previous file); whatever it
-    raises propagates after the temporary file is removed, and `path` is then unchanged.
-    An OSError (ENOSPC, EIO, EACCES, ...) is a one-line CnmError naming `path`.
+    Whatever the block or `before_replace` raise removes the temporary file and leaves `path`
+    unchanged; an OSError (ENOSPC, EIO, EACCES, ...) becomes one CnmError line naming `path`.
     """
     path = Path(path)
     existed = path.exists()
@@ -116,11 +119,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memory
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(path)
         # O_EXCL: never someone else's file; mode 0o666 minus the umask, applied by the kernel
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            view = memoryview(data).cast("B")
-            while len(view):
-                view = view[os.write(fd, view[:_CHUNK]):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -139,6 +141,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memory
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview, *,
+                       before_replace: Callable[[Path], None] | None = None) -> None:
+    """Write `data` to `path` atomically (`atomic_output`: one-line CnmError naming `path` on
+    an OSError, `path` unchanged on any failure)."""
+    with atomic_output(path, before_replace=before_replace) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            view = memoryview(data).cast("B")
+            while len(view):
+                view = view[os.write(fd, view[:_CHUNK]):]
+        finally:
+            os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

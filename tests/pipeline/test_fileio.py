@@ -18,6 +18,7 @@ import pytest
 from pipeline import fileio
 from pipeline.errors import CnmError
 from pipeline.fileio import (
+    atomic_output,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
@@ -41,6 +42,22 @@ def test_round_trip_replaces_and_leaves_nothing(tmp_path):
     assert p.read_text(encoding="utf-8") == "héllo"
     atomic_write_bytes(p, memoryview(b"xyz"))
     assert p.read_bytes() == b"xyz" and _temps(p.parent) == []
+
+
+def test_atomic_output_takes_any_writer_and_drops_a_failed_one(tmp_path):
+    p = tmp_path / "plot.png"
+    with atomic_output(p) as tmp:
+        assert tmp.parent == tmp_path and tmp.exists() and not p.exists()
+        with open(tmp, "w") as f:                     # e.g. fig.savefig(tmp), np.save(f, ...)
+            f.write("one")
+    assert p.read_text() == "one"
+    with pytest.raises(ValueError), atomic_output(p) as tmp:
+        tmp.write_text("half")
+        raise ValueError("the writer failed")
+    full = f"^{p}: could not write \\(no space left on device\\); the previous"
+    with pytest.raises(CnmError, match=full), atomic_output(p):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert p.read_text() == "one" and _temps(tmp_path) == []
 
 
 def test_partial_os_writes_are_continued(tmp_path, monkeypatch):
