@@ -25,6 +25,8 @@ from typing import Any
 
 from pipeline.errors import CnmError
 
+Buffer = bytes | bytearray | memoryview
+
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 _CHUNK = 1 << 24  # bytes per os.write call (a partial write is continued)
 
@@ -143,16 +145,18 @@ def atomic_output(path: str | os.PathLike, *,
                 pass
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview, *,
+def atomic_write_bytes(path: str | os.PathLike, data: Buffer | list[Buffer], *,
                        before_replace: Callable[[Path], None] | None = None) -> None:
-    """Write `data` to `path` atomically (`atomic_output`: one-line CnmError naming `path` on
-    an OSError, `path` unchanged on any failure)."""
+    """Write `data` (bytes-like, or a list of them written one after the other, so nothing is
+    concatenated in memory) to `path` atomically (`atomic_output`: one-line CnmError naming
+    `path` on an OSError, `path` unchanged on any failure)."""
     with atomic_output(path, before_replace=before_replace) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            view = memoryview(data).cast("B")
-            while len(view):
-                view = view[os.write(fd, view[:_CHUNK]):]
+            for part in data if isinstance(data, list) else [data]:
+                view = memoryview(part).cast("B")
+                while len(view):
+                    view = view[os.write(fd, view[:_CHUNK]):]
         finally:
             os.close(fd)
 

@@ -3,9 +3,10 @@
 - `RunLock(run)`: an exclusive `fcntl.flock` on `RUN/.lock` for the whole run (the OS releases
   it when the process dies, however it dies); a second process gets one line naming the holder.
 - `clean_litter(run)`: removes the temporary files of writers killed mid-write.
-- `save_verified` / `load_verified`: a checkpoint carries a sha256 of its content, is read back
-  and verified before it replaces `last.pt`, the replaced one is kept as `prev.pt`, and every
-  load verifies it (a corrupt file is one line that names the earlier checkpoint to use).
+- `save_verified` / `load_verified`: a checkpoint carries the sha256 of its bytes (in its zip
+  comment), is read back and verified before it replaces `last.pt`, the replaced one is kept as
+  `prev.pt`, and every load verifies it (a corrupt file is one line that names the earlier
+  checkpoint to use).
 - `require_keys`, `check_state`, `load_state_checked`: an older or foreign file, or a model of
   another shape, is one line, never a KeyError or a size-mismatch traceback.
 See docs/design.md#the-run-directory.
@@ -42,7 +43,6 @@ from trainer.checkpoint import BEST, CONFIG, LAST, METRICS
 
 LOCK = ".lock"
 PREV = "prev.pt"
-CHECKSUM_KEY = "sha256"
 # temporary names of the project's earlier writer (tempfile.mkstemp: no host or PID in them)
 _LEGACY_NAMES = "|".join(re.escape(n) for n in (LAST, BEST, PREV, CONFIG, METRICS))
 _LEGACY_TEMP = re.compile(rf"^\.(?:{_LEGACY_NAMES})\.tmp-[a-z0-9_]{{8}}$")
@@ -152,82 +152,93 @@ def clean_litter(run_dir: str | os.PathLike) -> list[str]:
     return sorted(removed)
 
 
-# ----------------------------------------------------------------------------- checksums
-
-
-def content_sha256(obj: Any) -> str:
-    """sha256 of a checkpoint's content: a type-tagged, length-prefixed walk of nested dicts
-    (in order), lists, tuples, str, bytes, int, float, bool, None and CPU tensors (dtype, shape
-    and the bytes of their values). Independent of how torch.save lays the file out."""
-    h = hashlib.sha256()
-    _feed(h, obj)
-    return h.hexdigest()
-
-
-def _feed(h, obj: Any) -> None:
-    def tag(t: bytes, payload: bytes = b"") -> None:
-        h.update(t + struct.pack("<Q", len(payload)) + payload)
-
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous().reshape(-1)
-        tag(b"T", f"{t.dtype}{tuple(obj.shape)}".encode())
-        values = t.view(torch.uint8).numpy()  # a view of the tensor's bytes, no copy
-        h.update(b"V" + struct.pack("<Q", values.nbytes))
-        h.update(values)
-    elif isinstance(obj, Mapping):
-        tag(b"D", str(len(obj)).encode())
-        for k, v in obj.items():
-            _feed(h, k)
-            _feed(h, v)
-    elif isinstance(obj, (list, tuple)):
-        tag(b"L" if isinstance(obj, list) else b"U", str(len(obj)).encode())
-        for v in obj:
-            _feed(h, v)
-    elif obj is None or isinstance(obj, bool):
-        tag(b"B", repr(obj).encode())
-    elif isinstance(obj, int):
-        tag(b"I", str(obj).encode())
-    elif isinstance(obj, float):
-        tag(b"F", obj.hex().encode())
-    elif isinstance(obj, str):
-        tag(b"S", obj.encode("utf-8", "surrogatepass"))
-    elif isinstance(obj, (bytes, bytearray)):
-        tag(b"Y", bytes(obj))
-    else:
-        raise TypeError(f"cannot checksum a {type(obj).__name__} in a checkpoint")
-
-
 # ----------------------------------------------------------------------------- checkpoints
+#
+# The checksum lives in the zip comment of the torch.save file: the zip's end record (the last
+# 22 bytes, `PK\x05\x06 ...`) ends with a comment length and the comment, which torch.save
+# leaves empty. The seal sets it to `cnm-sha256:<64 hex>`, the sha256 of every byte before the
+# comment length. The result is a standard zip, so `torch.load` and `unzip` read it unchanged;
+# it is one file, so the checksum is written in the same atomic rename as the data; and it is
+# verified by hashing the bytes, before torch parses anything and without unpickling. By hand:
+# `head -c -77 RUN/last.pt | sha256sum` equals the comment's digest (`unzip -z RUN/last.pt`).
+
+SEAL = b"cnm-sha256:"
+_EOCD = b"PK\x05\x06"
+_COMMENT = len(SEAL) + 64          # bytes of the comment
+_TAIL = 2 + _COMMENT               # the comment length field and the comment
 
 
 def save_verified(path: str | os.PathLike, state: dict, *, keep: str | None = PREV) -> None:
-    """torch.save `state` plus `state["sha256"]` (its `content_sha256`) to `path`, atomically.
+    """torch.save `state` to `path` atomically, sealed with the sha256 of its bytes.
 
-    The complete temporary file is read back from disk and verified before it replaces `path`;
-    the file it replaces, when it verifies, is kept as the sibling `keep` (default prev.pt; None:
-    not kept). A full disk or an I/O error is one CnmError line naming `path`, and `path` (and
-    `keep`) are then unchanged.
+    The complete temporary file is read back from the disk and verified before it replaces
+    `path`; the file it replaces, when it verifies, is kept as the sibling `keep` (default
+    prev.pt; None: not kept). A full disk or an I/O error is one CnmError line naming `path`,
+    and `path` (and `keep`) are then unchanged.
     """
     path = Path(path)
-    body = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
     buf = io.BytesIO()
-    torch.save({**body, CHECKSUM_KEY: content_sha256(body)}, buf)
+    torch.save(state, buf)
+    raw = buf.getbuffer()
+    if len(raw) < 22 or raw[-22:-18] != _EOCD or raw[-2:] != b"\0\0":
+        raise RuntimeError("torch.save no longer ends its file with a comment-less zip end record")
+    body = raw[:-2]
+    comment = SEAL + hashlib.sha256(body).hexdigest().encode()
 
     def verify_then_keep(tmp: Path) -> None:
         _drop_cache(tmp)  # so the read-back comes from the disk, not the page cache
-        try:
-            load_verified(tmp, suggest=False)
-        except CnmError as e:
-            raise CnmError(f"{path}: the new checkpoint did not verify when read back ({e}); "
-                           f"{path.name} is unchanged") from None
-        if keep is not None and path.is_file():
-            try:
-                load_verified(path, suggest=False)
-            except CnmError:
-                return  # never keep a bad file over a good earlier one
-            _keep_copy(path, path.with_name(keep))
+        fault = seal_fault(tmp)
+        if fault is not None:
+            raise CnmError(f"{path}: the new checkpoint did not verify when read back ({fault}); "
+                           f"{path.name} is unchanged")
+        if keep is not None and path.is_file() and (_unchanged(path) or seal_fault(path) is None):
+            _keep_copy(path, path.with_name(keep))   # never a bad file over a good earlier one
 
-    atomic_write_bytes(path, buf.getbuffer(), before_replace=verify_then_keep)
+    atomic_write_bytes(path, [body, struct.pack("<H", _COMMENT), comment], before_replace=verify_then_keep)
+    _remember(path)
+
+
+# files this process verified, by (device, inode, size, mtime): one that has not changed since
+# is not hashed again before it is kept as prev.pt (a checkpoint of a few GB takes seconds)
+_VERIFIED: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _remember(path: Path) -> None:
+    _VERIFIED[os.path.abspath(path)] = _identity(path)
+
+
+def _unchanged(path: Path) -> bool:
+    return _VERIFIED.get(os.path.abspath(path)) == _identity(path)
+
+
+def seal_fault(path: str | os.PathLike) -> str | None:
+    """None when the file's bytes match its seal, else what is wrong (a few words)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size >= 22 + _COMMENT:
+            f.seek(size - 22 - _COMMENT)
+            end = f.read(22 + _COMMENT)
+            if end[:4] == _EOCD and end[20:22] == struct.pack("<H", _COMMENT) and end[22:].startswith(SEAL):
+                f.seek(0)
+                h = hashlib.sha256()
+                left = size - _TAIL
+                while left > 0:
+                    chunk = f.read(min(left, 1 << 22))
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    left -= len(chunk)
+                ok = h.hexdigest().encode() == end[22 + len(SEAL):]
+                return None if ok else "corrupt: its bytes do not match its sha256 checksum"
+        f.seek(max(size - 22, 0))
+        if f.read(4) == _EOCD:
+            return "no checksum (not written by this cnm, or by a version before checkpoints were verified)"
+    return "not a complete checkpoint file (truncated, corrupt or foreign: no checksum at its end)"
 
 
 def _drop_cache(p: Path) -> None:
@@ -255,39 +266,32 @@ def _keep_copy(src: Path, dst: Path) -> None:
 
 
 def load_verified(path: str | os.PathLike, *, suggest: bool = True) -> dict:
-    """Load a checkpoint written by `save_verified` (tensors on the CPU) and verify its checksum.
+    """Verify a checkpoint written by `save_verified`, then load it (tensors on the CPU).
 
-    A missing, truncated, foreign, unchecksummed or corrupt file is one CnmError line naming it;
+    A missing, truncated, foreign, unsealed or corrupt file is one CnmError line naming it;
     with `suggest`, the line also names the newest sibling checkpoint (prev.pt, best.pt,
-    last.pt) that verifies, and how to use it. Returns the state without its checksum.
+    last.pt) that verifies, and how to use it.
     """
     p = Path(path)
     if not p.is_file():
         raise CnmError(f"{p}: checkpoint not found")
     try:
-        with warnings.catch_warnings():  # torch warns about a foreign pickle before refusing it
-            warnings.simplefilter("ignore")
-            state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- truncated zip, pickle of an unknown class, ...
-        fault = f"not a readable checkpoint ({e.__class__.__name__})"
-    else:
-        fault = _checksum_fault(state)
+        fault = seal_fault(p)
+    except OSError as e:
+        raise CnmError(f"{p}: cannot read the checkpoint ({os_error_reason(e)})") from None
     if fault is None:
-        return {k: v for k, v in state.items() if k != CHECKSUM_KEY}
+        try:
+            with warnings.catch_warnings():  # torch warns about a foreign pickle before refusing it
+                warnings.simplefilter("ignore")
+                state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- a sealed file of classes torch will not load
+            fault = f"not a cnm checkpoint ({e.__class__.__name__})"
+        else:
+            if isinstance(state, dict):
+                _remember(p)
+                return state
+            fault = f"not a cnm checkpoint (a {type(state).__name__}, not a dict)"
     raise CnmError(f"{p}: {fault}" + (_alternative(p) if suggest else ""))
-
-
-def _checksum_fault(state: Any) -> str | None:
-    if not isinstance(state, dict):
-        return f"not a cnm checkpoint (a {type(state).__name__}, not a dict)"
-    want = state.get(CHECKSUM_KEY)
-    if not isinstance(want, str):
-        return "no checksum (not written by this cnm, or by a version before checkpoints were verified)"
-    try:
-        got = content_sha256({k: v for k, v in state.items() if k != CHECKSUM_KEY})
-    except TypeError as e:
-        return f"not a cnm checkpoint ({e})"
-    return None if got == want else "corrupt (its content does not match its sha256 checksum)"
 
 
 def _alternative(bad: Path) -> str:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
 import pickle
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,10 +25,10 @@ from trainer import rundir
 from trainer.rundir import (
     LOCK,
     PREV,
+    SEAL,
     RunLock,
     check_state,
     clean_litter,
-    content_sha256,
     load_state_checked,
     load_verified,
     require_keys,
@@ -51,7 +53,15 @@ def _state(epoch: int, n: int = 1 << 18) -> dict:
 
 
 def _same(a, b) -> bool:
-    return content_sha256(a) == content_sha256(b)
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return a == b
 
 
 def _one_line(e: pytest.ExceptionInfo) -> str:
@@ -166,9 +176,10 @@ def test_save_load_round_trip_keeps_the_previous(tmp_path):
     save_verified(last, _state(2))
     assert _same(load_verified(last), _state(2)) and _same(load_verified(tmp_path / PREV), _state(1))
     assert os.stat(last).st_ino != os.stat(tmp_path / PREV).st_ino
-    # a plain torch.load still reads it (cnm's checkpoints stay ordinary torch.save files)
-    plain = torch.load(last, weights_only=True)
-    assert plain["epoch"] == 2 and plain["sha256"] == content_sha256(_state(2))
+    # a plain torch.load and zipfile still read it (the seal is the zip's comment)
+    assert _same(torch.load(last, weights_only=True), _state(2))
+    with zipfile.ZipFile(last) as z:
+        assert z.comment.startswith(SEAL) and len(z.comment) == len(SEAL) + 64 and z.testzip() is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "prev.pt"]
 
 
@@ -185,11 +196,27 @@ def test_4k_overwrite_mid_file_is_refused_and_names_the_earlier_checkpoint(tmp_p
     with pytest.raises(CnmError) as e:
         load_verified(last)
     msg = _one_line(e)
-    assert msg.startswith(f"{last}: corrupt (its content does not match its sha256 checksum)")
+    assert msg.startswith(f"{last}: corrupt: its bytes do not match its sha256 checksum; ")
     assert f"prev.pt (epoch 1) verifies: to resume from it, `cp {tmp_path / PREV} {last}` then " \
            f"`cnm train --out {tmp_path} --resume`" in msg
-    # the corrupt last.pt is not kept over the good prev.pt by the next save
-    save_verified(last, _state(3))
+
+
+@pytest.mark.parametrize("how", ["in place", "replaced"])
+def test_a_last_corrupted_since_it_was_written_is_not_kept_over_prev(tmp_path, how):
+    last = tmp_path / "last.pt"
+    save_verified(last, _state(1, 4096))
+    save_verified(last, _state(2, 4096))
+    bad = bytearray(last.read_bytes())
+    bad[len(bad) // 2] ^= 0xFF                         # one flipped byte
+    if how == "in place":
+        with open(last, "r+b") as f:
+            f.write(bad)
+        st = last.stat()                               # as during the next epoch: the clock moved on
+        os.utime(last, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    else:
+        (tmp_path / "copy").write_bytes(bad)
+        os.replace(tmp_path / "copy", last)
+    save_verified(last, _state(3, 4096))
     assert load_verified(tmp_path / PREV)["epoch"] == 1 and load_verified(last)["epoch"] == 3
 
 
@@ -201,7 +228,7 @@ def test_corrupt_best_points_to_the_newest_good_sibling(tmp_path):
     with pytest.raises(CnmError) as e:
         load_verified(tmp_path / "best.pt")
     msg = _one_line(e)
-    assert msg.startswith(f"{tmp_path / 'best.pt'}: not a readable checkpoint (")
+    assert msg.startswith(f"{tmp_path / 'best.pt'}: not a complete checkpoint file (truncated, ")
     assert msg.endswith(f"; last.pt (epoch 3) verifies: use {tmp_path / 'last.pt'} instead")
 
 
@@ -211,25 +238,40 @@ def test_truncated_foreign_and_unchecksummed_files(tmp_path):
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
     with pytest.raises(CnmError) as e:
         load_verified(p)
-    assert _one_line(e).endswith("; no other checkpoint of this run verifies")
+    assert _one_line(e) == (f"{p}: not a complete checkpoint file (truncated, corrupt or foreign: no "
+                            f"checksum at its end); no other checkpoint of this run verifies")
+    old = io.BytesIO()
+    torch.save({"epoch": 1, "peers": []}, old)
     cases = {
-        "pickle": (pickle.dumps({"epoch": 1}), "not a readable checkpoint (UnpicklingError)"),
-        "list": (None, "not a cnm checkpoint (a list, not a dict)"),
-        "old": (None, "no checksum (not written by this cnm, or by a version before checkpoints"),
-        "text": (b"hello", "not a readable checkpoint ("),
+        "pickle": (pickle.dumps({"epoch": 1}), "not a complete checkpoint file"),
+        "text": (b"hello", "not a complete checkpoint file"),
+        "empty": (b"", "not a complete checkpoint file"),
+        "old": (old.getvalue(), "no checksum (not written by this cnm, or by a version before"),
     }
     for name, (raw, want) in cases.items():
         f = tmp_path / f"{name}.pt"
-        if raw is None:
-            buf = io.BytesIO()
-            torch.save([1, 2] if name == "list" else {"epoch": 1, "peers": []}, buf)
-            raw = buf.getvalue()
         f.write_bytes(raw)
         with pytest.raises(CnmError) as e:
             load_verified(f, suggest=False)
         assert _one_line(e).startswith(f"{f}: {want}"), name
+    save_verified(tmp_path / "list.pt", [1, 2])
+    with pytest.raises(CnmError, match=r"list.pt: not a cnm checkpoint \(a list, not a dict\)$"):
+        load_verified(tmp_path / "list.pt", suggest=False)
     with pytest.raises(CnmError, match="checkpoint not found"):
         load_verified(tmp_path / "none.pt")
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_a_4k_overwrite_anywhere_is_refused(tmp_path, where):
+    p = tmp_path / "best.pt"
+    save_verified(p, _state(1, 4096))
+    size = p.stat().st_size
+    offset = {"start": 0, "middle": size // 2, "end": size - 4096 - 100}[where]
+    with open(p, "r+b") as f:
+        f.seek(offset)
+        f.write(os.urandom(4096))
+    with pytest.raises(CnmError, match=f"^{p}: corrupt: its bytes do not match its sha256 checksum"):
+        load_verified(p, suggest=False)
 
 
 def test_a_read_back_that_does_not_verify_leaves_last_unchanged(tmp_path, monkeypatch):
@@ -266,25 +308,6 @@ def test_full_disk_while_saving_keeps_last_and_prev(tmp_path, monkeypatch):
     assert _one_line(e) == f"{last}: could not write (no space left on device); the previous file is unchanged"
     assert load_verified(last)["epoch"] == 2 and load_verified(tmp_path / PREV)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "prev.pt"]
-
-
-def test_checksum_sees_every_part_of_the_content():
-    base = _state(1, 8)
-    assert content_sha256(base) == content_sha256(_state(1, 8))
-    changed = [
-        {**base, "epoch": 2},
-        {**base, "metrics": {"loss": 0.0, "acc": [1.5, 2.0]}},
-        {**base, "peers": [{**base["peers"][0], "w": base["peers"][0]["w"].double()}]},
-        {**base, "peers": [{**base["peers"][0], "w": base["peers"][0]["w"].reshape(2, 4)}]},
-        {**base, "config": {"seed": 0, "lr": 0.1}},                  # key order
-        {**base, "teacher": []},
-    ]
-    w = base["peers"][0]["w"].clone()
-    w.view(torch.int32)[3] ^= 1                                       # one bit of one value
-    changed.append({**base, "peers": [{**base["peers"][0], "w": w}]})
-    assert len({content_sha256(s) for s in changed} | {content_sha256(base)}) == len(changed) + 1
-    with pytest.raises(TypeError, match="cannot checksum a set"):
-        content_sha256({"x": {1}})
 
 
 # ----------------------------------------------------------------------------- keys and shapes
