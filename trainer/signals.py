@@ -9,7 +9,8 @@ device sync), so the current step finishes and nothing is written half-way; a se
 raises `Interrupted` at once (the user insists). `Interrupted` unwinds through the caller's
 `finally` blocks (stop the progress bar, close the loader); leaving the block then prints
 "stopped by SIGTERM" and the `describe()` line to stderr and exits with 128 + the signal
-number (143 for SIGTERM, 130 for SIGINT). See docs/design.md#the-run-directory.
+number (143 for SIGTERM, 130 for SIGINT). Forked loader workers that inherit the handler
+ignore the signals. See docs/design.md#the-run-directory.
 """
 
 from __future__ import annotations
@@ -32,10 +33,6 @@ class Interrupted(BaseException):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
 
 class Stop:
     """The stop flag: `signum` is the first stop signal received, or None."""
@@ -43,6 +40,7 @@ class Stop:
     def __init__(self, report: bool = True):
         self.signum: int | None = None
         self.report = report
+        self.owner = os.getpid()
 
     @property
     def requested(self) -> bool:
@@ -54,6 +52,8 @@ class Stop:
             raise Interrupted(self.signum)
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self.owner:  # a forked loader worker: the main process decides
+            return
         if self.signum is not None:   # the second signal: abandon the current work now
             raise Interrupted(self.signum)
         self.signum = signum
@@ -78,16 +78,24 @@ def graceful_stop(describe: Callable[[], str] | None = None, *, report: bool = T
             previous[s] = signal.signal(s, stop._handle)
     try:
         yield stop
-    except Interrupted as e:
+    except (Interrupted, Exception) as e:
+        if not isinstance(e, Interrupted) and stop.signum is None:
+            raise
+        # an error after a stop signal is taken as its consequence (e.g. the loader's workers,
+        # which got the same SIGTERM from the scheduler, died): named, not a traceback
+        signum = e.signum if isinstance(e, Interrupted) else stop.signum
         _restore(previous)
+        if previous:  # the process exits now: a child's death (torch's SIGCHLD handler raises
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # for loader workers) is no error
         previous = {}
         if report:
-            lines = [f"stopped by {signal.Signals(e.signum).name}"]
-            if describe is not None:
-                lines.append(describe())
+            head = f"stopped by {signal.Signals(signum).name}"
+            if not isinstance(e, Interrupted):
+                head += f" (while stopping: {type(e).__name__}: {str(e).strip().splitlines()[0]})"
+            lines = [head] + ([describe()] if describe is not None else [])
             sys.stdout.flush()
             print("\n".join(lines), file=sys.stderr, flush=True)
-        raise SystemExit(e.exit_code) from None
+        raise SystemExit(128 + signum) from None
     finally:
         _restore(previous)
 

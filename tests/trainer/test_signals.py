@@ -87,6 +87,48 @@ def test_a_second_signal_abandons_the_step_at_once(tmp_path):
     assert not (tmp_path / "steps").exists()
 
 
+# DataLoader worker processes (forked inside the block) and a scheduler that signals the whole
+# process group (slurm's scancel, Ctrl-C in a terminal)
+LOADER = """
+import sys, time
+from torch.utils.data import DataLoader
+from trainer.signals import graceful_stop
+loader = DataLoader(range(10 ** 6), batch_size=1, num_workers=2, persistent_workers=True)
+with graceful_stop(lambda: "where") as stop:
+    for i, batch in enumerate(loader):
+        if i == 3:
+            print("ready", flush=True)
+        time.sleep(0.005)
+        stop.check()
+"""
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_whole_group_with_loader_workers(sig, code):
+    child = subprocess.Popen([sys.executable, "-c", LOADER], cwd=ROOT, start_new_session=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        os.killpg(child.pid, sig)
+        _out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    assert child.returncode == code and "Traceback" not in err, err
+    assert err.count("stopping at the end of the current step") == 1     # the workers stay quiet
+    lines = err.strip().splitlines()
+    assert lines[-2].startswith(f"stopped by {sig.name}") and lines[-1] == "where", err
+    if sig == signal.SIGTERM:  # torch's workers die of it; the loader's error is named, in one line
+        assert "(while stopping: RuntimeError: DataLoader worker" in lines[-2] or lines[-2] == "stopped by SIGTERM"
+
+
+def test_an_error_without_a_signal_is_not_swallowed():
+    with pytest.raises(ValueError, match="real"), graceful_stop():
+        raise ValueError("real")
+
+
 def test_in_process_flag_exit_code_and_handlers_restored(capfd):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as e, graceful_stop(lambda: "where") as stop:
