@@ -168,12 +168,12 @@ _COMMENT = len(SEAL) + 64          # bytes of the comment
 _TAIL = 2 + _COMMENT               # the comment length field and the comment
 
 
-def save_verified(path: str | os.PathLike, state: dict, *, keep: str | None = PREV) -> None:
+def save_verified(path: str | os.PathLike, state: dict, *, keep: str | None = None) -> None:
     """torch.save `state` to `path` atomically, sealed with the sha256 of its bytes.
 
     The complete temporary file is read back from the disk and verified before it replaces
-    `path`; the file it replaces, when it verifies, is kept as the sibling `keep` (default
-    prev.pt; None: not kept). A full disk or an I/O error is one CnmError line naming `path`,
+    `path`; the file it replaces, when it verifies, is kept as the sibling named `keep` (PREV
+    for last.pt; None: not kept). A full disk or an I/O error is one CnmError line naming `path`,
     and `path` (and `keep`) are then unchanged.
     """
     path = Path(path)

@@ -146,7 +146,7 @@ save_verified(sys.argv[1], {"epoch": 2, "w": torch.zeros(50000)})
 
 
 def test_kill_9_mid_write_litter_is_removed_by_the_next_run(tmp_path):
-    save_verified(tmp_path / "last.pt", _state(1, 16))
+    save_verified(tmp_path / "last.pt", _state(1, 16), keep=PREV)
     legacy = tmp_path / ".config.json.tmp-ab_c1234"    # the earlier writer's mkstemp name
     legacy.write_text("{")
     foreign = tmp_path / ".notes.txt.tmp-ab_c1234"     # not a run file: kept
@@ -171,11 +171,15 @@ def test_kill_9_mid_write_litter_is_removed_by_the_next_run(tmp_path):
 
 def test_save_load_round_trip_keeps_the_previous(tmp_path):
     last = tmp_path / "last.pt"
-    save_verified(last, _state(1))
+    save_verified(last, _state(1), keep=PREV)
     assert _same(load_verified(last), _state(1)) and not (tmp_path / PREV).exists()
-    save_verified(last, _state(2))
+    save_verified(last, _state(2), keep=PREV)
     assert _same(load_verified(last), _state(2)) and _same(load_verified(tmp_path / PREV), _state(1))
     assert os.stat(last).st_ino != os.stat(tmp_path / PREV).st_ino
+    save_verified(tmp_path / "best.pt", _state(5, 16))   # keep=None: prev.pt stays last.pt's
+    save_verified(tmp_path / "best.pt", _state(6, 16))
+    assert load_verified(tmp_path / PREV)["epoch"] == 1 and load_verified(tmp_path / "best.pt")["epoch"] == 6
+    (tmp_path / "best.pt").unlink()
     # a plain torch.load and zipfile still read it (the seal is the zip's comment)
     assert _same(torch.load(last, weights_only=True), _state(2))
     with zipfile.ZipFile(last) as z:
@@ -185,8 +189,8 @@ def test_save_load_round_trip_keeps_the_previous(tmp_path):
 
 def test_4k_overwrite_mid_file_is_refused_and_names_the_earlier_checkpoint(tmp_path):
     last = tmp_path / "last.pt"
-    save_verified(last, _state(1))
-    save_verified(last, _state(2))
+    save_verified(last, _state(1), keep=PREV)
+    save_verified(last, _state(2), keep=PREV)
     size = last.stat().st_size
     with open(last, "r+b") as f:                      # same size, 4 KB of garbage mid-file
         f.seek(size // 2)
@@ -204,8 +208,8 @@ def test_4k_overwrite_mid_file_is_refused_and_names_the_earlier_checkpoint(tmp_p
 @pytest.mark.parametrize("how", ["in place", "replaced"])
 def test_a_last_corrupted_since_it_was_written_is_not_kept_over_prev(tmp_path, how):
     last = tmp_path / "last.pt"
-    save_verified(last, _state(1, 4096))
-    save_verified(last, _state(2, 4096))
+    save_verified(last, _state(1, 4096), keep=PREV)
+    save_verified(last, _state(2, 4096), keep=PREV)
     bad = bytearray(last.read_bytes())
     bad[len(bad) // 2] ^= 0xFF                         # one flipped byte
     if how == "in place":
@@ -216,13 +220,13 @@ def test_a_last_corrupted_since_it_was_written_is_not_kept_over_prev(tmp_path, h
     else:
         (tmp_path / "copy").write_bytes(bad)
         os.replace(tmp_path / "copy", last)
-    save_verified(last, _state(3, 4096))
+    save_verified(last, _state(3, 4096), keep=PREV)
     assert load_verified(tmp_path / PREV)["epoch"] == 1 and load_verified(last)["epoch"] == 3
 
 
 def test_corrupt_best_points_to_the_newest_good_sibling(tmp_path):
-    save_verified(tmp_path / "last.pt", _state(1, 16))
-    save_verified(tmp_path / "last.pt", _state(3, 16))
+    save_verified(tmp_path / "last.pt", _state(1, 16), keep=PREV)
+    save_verified(tmp_path / "last.pt", _state(3, 16), keep=PREV)
     save_verified(tmp_path / "best.pt", _state(2, 16))
     (tmp_path / "best.pt").write_bytes((tmp_path / "best.pt").read_bytes()[:-100])   # truncated
     with pytest.raises(CnmError) as e:
@@ -276,7 +280,7 @@ def test_a_4k_overwrite_anywhere_is_refused(tmp_path, where):
 
 def test_a_read_back_that_does_not_verify_leaves_last_unchanged(tmp_path, monkeypatch):
     last = tmp_path / "last.pt"
-    save_verified(last, _state(1))
+    save_verified(last, _state(1), keep=PREV)
 
     def corrupt_on_disk(tmp: Path):                   # the bytes on disk differ from those written
         with open(tmp, "r+b") as f:
@@ -285,15 +289,15 @@ def test_a_read_back_that_does_not_verify_leaves_last_unchanged(tmp_path, monkey
 
     monkeypatch.setattr(rundir, "_drop_cache", corrupt_on_disk)
     with pytest.raises(CnmError) as e:
-        save_verified(last, _state(2))
+        save_verified(last, _state(2), keep=PREV)
     assert _one_line(e).startswith(f"{last}: the new checkpoint did not verify when read back (")
     assert load_verified(last)["epoch"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
 def test_full_disk_while_saving_keeps_last_and_prev(tmp_path, monkeypatch):
     last = tmp_path / "last.pt"
-    save_verified(last, _state(1, 16))
-    save_verified(last, _state(2, 16))
+    save_verified(last, _state(1, 16), keep=PREV)
+    save_verified(last, _state(2, 16), keep=PREV)
     real = os.write
 
     def full(fd, b):
@@ -303,7 +307,7 @@ def test_full_disk_while_saving_keeps_last_and_prev(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "write", full)
     with pytest.raises(CnmError) as e:
-        save_verified(last, _state(3))
+        save_verified(last, _state(3), keep=PREV)
     monkeypatch.undo()
     assert _one_line(e) == f"{last}: could not write (no space left on device); the previous file is unchanged"
     assert load_verified(last)["epoch"] == 2 and load_verified(tmp_path / PREV)["epoch"] == 1
