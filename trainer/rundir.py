@@ -26,7 +26,7 @@ import struct
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +40,9 @@ from pipeline.fileio import (
     temp_path,
 )
 from trainer.checkpoint import BEST, CONFIG, LAST, METRICS
+
+if TYPE_CHECKING:
+    from typing import Self  # Python >= 3.11; annotations only
 
 LOCK = ".lock"
 PREV = "prev.pt"
