@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ SCHEDULES = ("step", "cosine")
 SWITCH = ("auto", "on", "off")
 DEFAULT_DATA = "data/cifar100"  # where the README's `cnm prepare ... --out data/cifar100` writes
 DEFAULT_PEERS = 3
+SEED_LIMIT = 2 ** 63  # seeds are hashed as signed 64-bit integers (pipeline/loaders augment_seed)
 
 
 def _f(default, help: str, choices: tuple | None = None, **extra):
@@ -219,6 +221,12 @@ def validate(cfg: TrainConfig) -> None:
         if choices and getattr(cfg, name) not in choices:
             raise CnmError(f"{flag_name(name)} must be one of {', '.join(choices)}, "
                            f"got {getattr(cfg, name)!r}")
+    for name in FIELDS:  # nan and inf pass every range test below, so they are refused first
+        value = getattr(cfg, name)
+        if field_type(name) is float and value is not None and not math.isfinite(value):
+            raise CnmError(f"{flag_name(name)} must be a finite number, got {value}")
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise CnmError(f"--seed must be an integer in [0, 2**63), got {cfg.seed}")
     names = [a.strip() for a in cfg.arch.split(",")]
     if not all(names):
         raise CnmError(f"--arch {cfg.arch!r}: empty architecture name")
