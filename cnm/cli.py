@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "cnm.cmd_train:train",
     "eval": "cnm.cmd_eval:eval_",
     "bench": "cnm.cmd_bench:bench",
+    "check": "cnm.cmd_check:check",
 }
 
 
