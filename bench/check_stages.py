@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import re
@@ -121,7 +122,8 @@ def world1_grad_all_reduce(params, device: torch.device):
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = device.type == "cuda"
-    kw = {"device_id": device} if cuda else {}
+    # device_id (torch >= 2.3) binds the NCCL communicator to the device at once
+    kw = {"device_id": device} if cuda and "device_id" in inspect.signature(dist.init_process_group).parameters else {}
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", rank=0, world_size=1, **kw)
     comm = ProcessGroupComm(0, 1, 0, ("gloo", "nccl") if cuda else ("gloo",), device=str(device))
     return GradAllReduce(params, comm), dist.get_backend()
