@@ -4,6 +4,7 @@ numpy, click, rich, pytest only), run with `PYTHONPATH=.` and no install."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -191,3 +192,25 @@ def test_cnm_check_cpu_form_on_a_bare_gpu_box(tmp_path):
     assert "| stage | status | s | key numbers | log |" in summary
     assert "## GPU checks not run here (no CUDA)" in summary
     assert not (out / ".work").exists()
+
+
+@pytest.mark.parametrize("mode", ["cutnmix", "mixup"])
+def test_sub_batch_views_equal_the_big_batch_views(mode):
+    """The int64 stage checks the tail of a huge batch through a small batch of those samples
+    and their partners: the oracle on the small batch must equal the big batch's views."""
+    import torch
+
+    from bench.check_stages import _oracle, sub_batch_params
+    from pipeline.ops import draw_params
+
+    g = torch.Generator().manual_seed(5)
+    params = draw_params(40, 3, 32, 32, mode=mode, mix_prob=0.9, generator=g)
+    imgs = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=g)
+    keep = torch.arange(30, 40)
+    sub, rows = sub_batch_params(params, keep)
+    assert sorted(sub.perm.tolist()) == list(range(len(rows)))
+    assert rows[:10].tolist() == keep.tolist()
+    full = _oracle(imgs, params, torch.float32)
+    assert torch.equal(_oracle(imgs[rows], sub, torch.float32)[:, :10], full[:, keep])
+    wrong = dataclasses.replace(sub, perm=torch.arange(len(rows)))   # partners lost: must differ
+    assert not torch.equal(_oracle(imgs[rows], wrong, torch.float32)[:, :10], full[:, keep])
