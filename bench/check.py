@@ -151,6 +151,10 @@ def run_stage(name: str, argv: list[str], timeout_s: float, out_dir: Path, resul
             timed_out = True
             os.killpg(proc.pid, signal.SIGKILL)   # the stage and whatever it started
             rc = proc.wait()
+        except BaseException:                     # Ctrl-C: its own session would outlive us
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     seconds = time.perf_counter() - t0
     res = StageResult(name, "failed", round(seconds, 1), log.name, form=form)
     if timed_out:

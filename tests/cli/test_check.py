@@ -74,6 +74,30 @@ def test_run_stage_reports_pass_fail_crash_and_hang(tmp_path):
     assert odd.status == "failed" and "unknown status" in odd.notes[0]
 
 
+def test_an_interrupted_run_kills_the_running_stage(tmp_path):
+    import signal
+
+    pid_file = tmp_path / "stage.pid"
+    code = (f"import os, threading; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+            "threading.Event().wait()")
+
+    def interrupt(signum, frame):                     # Ctrl-C once the stage is running
+        if not pid_file.exists():
+            signal.alarm(1)
+            return
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            check.run_stage("stuck", _child(code), 600, tmp_path, tmp_path / "r.json")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert not _alive(int(pid_file.read_text()))      # run_stage waited for it after the kill
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
