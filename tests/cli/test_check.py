@@ -82,7 +82,7 @@ def test_an_interrupted_run_kills_the_running_stage(tmp_path):
             "threading.Event().wait()")
 
     def interrupt(signum, frame):                     # Ctrl-C once the stage is running
-        if not pid_file.exists():
+        if not (pid_file.exists() and pid_file.read_text()):
             signal.alarm(1)
             return
         raise KeyboardInterrupt
