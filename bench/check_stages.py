@@ -11,6 +11,7 @@ stated skip. See docs/benchmarks.md#cnm-check.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import inspect
 import json
@@ -512,6 +513,16 @@ def _state(module) -> list[torch.Tensor]:
     return list(module.parameters()) + list(module.buffers())
 
 
+@contextlib.contextmanager
+def sync_errors():
+    """Any host sync inside the block raises (torch.cuda.set_sync_debug_mode("error"))."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def stage_ema_capture(rep: Report, dev: torch.device, work: Path) -> None:
     decay = 0.9
     live = build_peerset(["resnet20", "resnet20"], 10, dev)
@@ -540,17 +551,15 @@ def stage_ema_capture(rep: Report, dev: torch.device, work: Path) -> None:
             t.copy_(s)
     torch.cuda.synchronize(dev)
     graph = torch.cuda.CUDAGraph()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            teacher.update(step_t)
-        for step in range(steps):
-            _perturb(live, step)
-            graph.replay()
-            twin.update(step_t)                  # eager, also under "error": no host sync
-            step_t.add_(1)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    # sync errors only around the update, inside the capture (entering a capture synchronises)
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"), sync_errors():
+        teacher.update(step_t)
+    for step in range(steps):
+        _perturb(live, step)
+        graph.replay()
+        with sync_errors():                      # the eager update never syncs either
+            twin.update(step_t)
+        step_t.add_(1)
     bad = sum(not torch.equal(a, b) for a, b in zip(_state(teacher.module), _state(twin.module)))
     rep.numbers.update(replays=steps, tensors=len(_state(twin.module)), differing=bad)
     if bad:
