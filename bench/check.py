@@ -52,7 +52,7 @@ STAGES = (
           "Triton interpreter == reference at B 1, 3 (1 ulp for fp16/bf16); torch == reference at B 512; "
           "the int64-offset kernel forced at B 8", 240, 120),
     Stage("op-sweep", "op bandwidth sweep, B 512..262144: GB/s and % of the device's peak",
-          "op speed at B 512 on the CPU", 120, 90),
+          "op speed sweep, B 64..128 on the CPU (images/s)", 120, 90),
     Stage("bench", "`cnm bench`, every pipeline available", "`cnm bench` tiny, on the CPU", 180, 90),
     Stage("bench-train", "`cnm bench train`: eager -> channels-last -> bf16 -> CUDA graphs -> grouped",
           "`cnm bench train` tiny, eager fp32 on the CPU", 180, 90),

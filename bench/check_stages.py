@@ -36,13 +36,30 @@ PY = sys.executable
 
 
 def op_sweep_command(json_path: Path, cuda: bool) -> list[str]:
-    """The op speed sweep of bench/op_speed.py (B 512 .. 262144 on CUDA), JSON to json_path.
-    Adjust here when its flags change (e.g. `--sweep`)."""
+    """The op bandwidth sweep: `python -m bench.op_speed --sweep` (= `cnm bench op --sweep`;
+    B 512 .. 262144 on CUDA), the JSON document to json_path. Adjust here if its flags change."""
     if cuda:
-        return [PY, "-m", "bench.op_speed", "--no-cpu", "--cuda-repeats", "20",
-                "--cuda-batches", "512,2048,8192,32768,65536,131072,262144", "--json", str(json_path)]
-    return [PY, "-m", "bench.op_speed", "--batch", "512", "--dtypes", "bf16", "--repeats", "1",
-            "--warmup", "1", "--threads", "1", "--json", str(json_path)]
+        return [PY, "-m", "bench.op_speed", "--sweep", "--impls", "auto", "--repeats", "3", "--seconds", "0.2",
+                "--json", str(json_path)]
+    return [PY, "-m", "bench.op_speed", "--sweep", "--max-batch", "128", "--impls", "auto", "--repeats", "1",
+            "--seconds", "0.05", "--warmup", "1", "--json", str(json_path)]
+
+
+def op_figures(row: dict) -> dict | None:
+    """(batch, impl, per-s, GB/s, % of peak) of one row of that JSON, or None for a row without
+    timings (unavailable). Reads the bench's rows: `batch`, `images_per_s`/`bandwidth_gbps`
+    ({"median": ...}) and `fraction_of_peak`."""
+    def median(v):
+        return v.get("median") if isinstance(v, dict) else v
+
+    if not isinstance(row, dict) or "batch" not in row or not row.get("available", True):
+        return None
+    per_s = median(row.get("images_per_s"))
+    if per_s is None:
+        return None
+    frac = row.get("fraction_of_peak")
+    return {"batch": row["batch"], "impl": row.get("pipeline") or row.get("impl"), "per_s": per_s,
+            "gbps": median(row.get("bandwidth_gbps")), "pct_peak": None if frac is None else 100 * frac}
 
 
 def bench_command(json_path: Path, cuda: bool) -> list[str]:
@@ -126,7 +143,8 @@ def world1_grad_all_reduce(params, device: torch.device):
     # device_id (torch >= 2.3) binds the NCCL communicator to the device at once
     kw = {"device_id": device} if cuda and "device_id" in inspect.signature(dist.init_process_group).parameters else {}
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", rank=0, world_size=1, **kw)
-    comm = ProcessGroupComm(0, 1, 0, ("gloo", "nccl") if cuda else ("gloo",), device=str(device))
+    comm = ProcessGroupComm(0, 1, 0, ("gloo", "nccl") if cuda else ("gloo",))
+    comm.device(device.type)                     # cuda: makes cuda:LOCAL_RANK current
     return GradAllReduce(params, comm), dist.get_backend()
 
 
@@ -390,20 +408,6 @@ def sub_batch_params(params, keep: torch.Tensor):
     return type(p)(**fields), idx
 
 
-def _sweep_rows(doc) -> list[dict]:
-    """Every dict in a (nested) JSON document that has a batch and a rate or bandwidth."""
-    rows = []
-    if isinstance(doc, dict):
-        if "batch" in doc and ("gbps" in doc or "samples_per_s" in doc):
-            rows.append(doc)
-        for v in doc.values():
-            rows += _sweep_rows(v)
-    elif isinstance(doc, list):
-        for v in doc:
-            rows += _sweep_rows(v)
-    return rows
-
-
 def stage_op_sweep(rep: Report, dev: torch.device, work: Path) -> None:
     cuda = dev.type == "cuda"
     path = work / "op_sweep.json"
@@ -411,30 +415,34 @@ def stage_op_sweep(rep: Report, dev: torch.device, work: Path) -> None:
     if rc != 0 or not path.exists():
         rep.fail(f"the op sweep exited with status {rc}" + ("" if path.exists() else " and wrote no JSON"))
         return
-    rows = _sweep_rows(json.loads(path.read_text()))
+    doc = json.loads(path.read_text())
+    for r in doc.get("results", []):
+        if r.get("failed"):
+            rep.fail(f"{r.get('pipeline')} at B={r.get('batch')}: {r.get('reason')}")
+    rows = [f for f in map(op_figures, doc.get("results", [])) if f]
+    if not rows:
+        rep.fail("the op sweep timed no row")
+        return
+    batches = sorted({f["batch"] for f in rows})
+    rep.numbers["batches"] = f"{batches[0]}..{batches[-1]}"
     if cuda:
-        bw = [r for r in rows if r.get("gbps")]
-        if not bw:
-            rep.fail("the sweep reported no GB/s")
+        best = max((f for f in rows if f["gbps"]), key=lambda f: f["gbps"], default=None)
+        if best is None:
+            rep.fail("the op sweep reported no GB/s")
             return
-        best = max(bw, key=lambda r: r["gbps"])
-        rep.numbers.update(batches=f"{min(r['batch'] for r in bw)}..{max(r['batch'] for r in bw)}",
-                           best_gbps=round(best["gbps"]), at_batch=best["batch"])
-        if best.get("pct_peak"):
+        rep.numbers.update(best_gbps=round(best["gbps"]), at_batch=best["batch"], row=best["impl"])
+        if best["pct_peak"] is not None:
             rep.numbers["pct_peak"] = round(best["pct_peak"], 1)
         else:
-            rep.note("device peak bandwidth unknown (bench/peaks.py has no entry): % of peak not given")
-        for r in sorted(bw, key=lambda r: (r.get("impl", ""), r["batch"])):
-            print(f"{r.get('impl', '?'):10s} B={r['batch']:7d} {r['gbps']:8.0f} GB/s "
-                  f"{(r.get('pct_peak') or 0):5.1f}% of peak", flush=True)
+            rep.note("no reference peak bandwidth for this device: % of peak not given")
     else:
-        if not rows:
-            rep.fail("the op speed run reported no rows")
-            return
-        best = max(rows, key=lambda r: r.get("samples_per_s") or 0)
-        rep.numbers.update(batch=best["batch"], best_samples_per_s=round(best["samples_per_s"]),
-                           impl=best.get("impl"))
-        rep.note("GB/s and % of device peak not measured (no CUDA): CPU samples/s at B=512 only")
+        best = max(rows, key=lambda f: f["per_s"])
+        rep.numbers.update(best_images_per_s=round(best["per_s"]), at_batch=best["batch"], row=best["impl"])
+        rep.note("GB/s and % of the device's peak not measured (no CUDA): CPU images/s for small B only")
+    for f in rows:
+        gbps = f"{f['gbps']:8.1f} GB/s" if f["gbps"] else ""
+        pct = f"{f['pct_peak']:5.1f}% of peak" if f["pct_peak"] is not None else ""
+        print(f"{f['impl']!s:28s} B={f['batch']:7d} {f['per_s']:14,.0f} images/s {gbps} {pct}", flush=True)
 
 
 def _bench_rows(rep: Report, path: Path, key: str) -> list[dict]:

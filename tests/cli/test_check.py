@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench import check
-from bench.check_stages import _pytest_counts, _sweep_rows, ulp_distance
+from bench.check_stages import _pytest_counts, op_figures, ulp_distance
 from cnm.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,9 +172,12 @@ def test_stage_helpers_parse_pytest_and_sweep_output():
         "failed": 3, "passed": 40, "skipped": 2, "deselected": 600}
     assert _pytest_counts("50/692 tests collected (642 deselected) in 20.11s") == {
         "collected": 50, "deselected": 642}
-    doc = {"cuda": [{"batch": 512, "gbps": 900.0}, {"batch": 1024, "gbps": None, "samples_per_s": 5.0}],
-           "other": {"rows": [{"batch": 2, "samples_per_s": 1.0}]}, "info": {"batch": 3}}
-    assert [r["batch"] for r in _sweep_rows(doc)] == [512, 1024, 2]
+    row = {"pipeline": "triton kernel", "available": True, "batch": 512, "images_per_s": {"median": 2e6},
+           "bandwidth_gbps": {"median": 900.0}, "fraction_of_peak": 0.25}
+    assert op_figures(row) == {"batch": 512, "impl": "triton kernel", "per_s": 2e6, "gbps": 900.0,
+                               "pct_peak": 25.0}
+    assert op_figures({**row, "available": False, "images_per_s": None}) is None
+    assert op_figures({"info": 1}) is None
 
 
 def test_ulp_distance_counts_representable_steps():
