@@ -5,7 +5,7 @@ timeout, in its own process group, so a stage that fails, crashes or hangs never
 rest. Each stage writes one log (`<stage>.log`: its stdout and stderr) and a result (status,
 key numbers, notes) that the runner gathers into `check.json` and the table of `summary.md`.
 Without CUDA the stages run their CPU form, and the summary names the GPU checks not run.
-What each stage checks: `bench/check_stages.py`; see docs/benchmarks.md#cnm-check.
+What each stage checks: `bench/check_stages.py`; see docs/cli.md#cnm-check.
 
 Exit status of `run_check`: 0 when every stage passed or was skipped for a stated reason,
 1 when any failed (including a timeout or a crash).

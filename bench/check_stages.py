@@ -5,7 +5,7 @@ A stage prints what it does (the log) and writes PATH: {"status": passed|skipped
 "numbers": {key figures}, "notes": [lines]}. Every dependency on code other helpers own is in
 the ADAPTERS section below (command lines and imports), so it can be adapted in one place.
 Needs only torch, numpy, click, rich, pytest (triton optional): anything else missing is a
-stated skip. See docs/benchmarks.md#cnm-check.
+stated skip. See docs/cli.md#cnm-check.
 """
 
 from __future__ import annotations
