@@ -21,6 +21,7 @@ COMMANDS = {
     "eval": "cnm.cmd_eval:eval_",
     "report": "cnm.cmd_report:report",
     "bench": "cnm.cmd_bench:bench",
+    "check": "cnm.cmd_check:check",
 }
 
 
