@@ -8,7 +8,7 @@ the old or the new complete file, never a mix. The file is created with mode `0o
 the temporary file, leaves `path` as it was, and is one `CnmError` line naming `path`. The host
 and PID in the temporary name let the next run remove the files of a writer that was killed
 outright (`kill -9`, power loss) without touching a live writer's (`remove_stale_temps`).
-See docs/design.md#the-run-directory."""
+See docs/cli.md#the-run-directory."""
 
 from __future__ import annotations
 

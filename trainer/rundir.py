@@ -9,7 +9,7 @@
   checkpoint to use).
 - `require_keys`, `check_state`, `load_state_checked`: an older or foreign file, or a model of
   another shape, is one line, never a KeyError or a size-mismatch traceback.
-See docs/design.md#the-run-directory.
+See docs/cli.md#the-run-directory.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ raises `Interrupted` at once (the user insists). `Interrupted` unwinds through t
 `finally` blocks (stop the progress bar, close the loader); leaving the block then prints
 "stopped by SIGTERM" and the `describe()` line to stderr and exits with 128 + the signal
 number (143 for SIGTERM, 130 for SIGINT). Forked loader workers that inherit the handler
-ignore the signals. See docs/design.md#the-run-directory.
+ignore the signals. See docs/cli.md#the-run-directory.
 """
 
 from __future__ import annotations
