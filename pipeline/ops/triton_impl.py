@@ -1,27 +1,22 @@
 """Fused Triton Cut^nMix: one launch turns a uint8 batch into all P normalised peer views.
 
-Same semantics as `pipeline.ops.reference` (DESIGN.md, section Cut^nMix; Shen et al.,
-arXiv 2206.12370 as formulated by this project). Runs on CUDA tensors, and on CPU tensors under
-`TRITON_INTERPRET=1` (how the tests exercise it without a GPU). This module imports triton at
-the top: import it only through `pipeline.ops.cutnmix` (impl="triton"/"auto"), which checks that
-triton is installed first.
+Same semantics as `pipeline.ops.reference` (docs/design.md#cutnmix; Shen et al., arXiv
+2206.12370 as formulated by this project). Runs on CUDA tensors, and on CPU tensors under
+`TRITON_INTERPRET=1`. Import it only through `pipeline.ops.cutnmix` (impl="triton"/"auto"),
+which checks that triton is installed first. Offline evidence (registers, SASS instructions per
+output element, store widths): `python -m bench.kernel_stats`.
 
-Why it is fast (the op is memory-bound: per sample it must read 3 KB of uint8 and write
-P*H*W*3 output values, 18 KB for P=3 in bf16, so the goal is to move exactly those bytes once):
-- One program per sample, looping over all P peers: the sample's 3 KB source image is fetched
-  from HBM once and served from L1/L2 to every peer's crop; the partner's box pixels are the
-  only other reads. No intermediate (padded, cropped, flipped, pasted, float) tensor is ever
-  written: pad, crop, flip, box paste, normalise and cast all happen in registers.
-- The program walks its sample's [H,W,3] output, for each peer, in contiguous chunks of BLOCK
-  elements, so every store is a fully coalesced, vectorisable (16 B per thread) write of
-  channels-last data; H, W are compile-time constants so the row/column/channel of each element
-  is a multiply-shift, and the output offset's divisibility is known to the compiler.
-- Row/column/channel and the per-channel constants are computed once per chunk and reused for
-  the P peers; all per-(peer, sample) parameters are a handful of scalar loads.
-- The zero padding is a masked load (`other=0`), never materialised.
+One program per sample, one thread per run of PPT (8 at 32x32) pixels of a row. The program
+reads its image (and its partner's, when mixed) once with 8-byte loads, normalises every source
+value once, stages it in shared memory (`tl.gather`), then per peer computes one gather index
+per output pixel (pad, crop, flip and box are two adds and compares per pixel, every per-sample
+parameter is a scalar loaded once) and writes each thread's 3*PPT contiguous outputs with
+16-byte stores. No division in the per-pixel work (x is the slot q, y one per thread).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -30,13 +25,157 @@ import triton.language as tl
 
 from pipeline.ops.params import BOX_MODES, CutNMixParams
 
-BLOCK = 1024  # elements per chunk (8 per thread with 4 warps)
+LAYOUTS = ("peers", "grouped")
+
+
+@triton.jit
+def _tree(vals, lo: tl.constexpr, stride: tl.constexpr, n: tl.constexpr):
+    # join vals[lo], vals[lo+stride], ... (n of them, n a power of two) into [..., 2, .., 2]
+    # such that a row-major reshape lists them in order (the inner joins pair distant slots)
+    if n == 1:
+        return vals[lo]
+    else:
+        return tl.join(_tree(vals, lo, stride * 2, n // 2), _tree(vals, lo + stride, stride * 2, n // 2))
+
+
+@triton.jit
+def _flat(vals, lo: tl.constexpr, n: tl.constexpr, T: tl.constexpr):
+    # [T] tensors vals[lo:lo+n] -> [T*n], element t*n + m = vals[lo+m][t] (register relabelling)
+    if n == 1:
+        return vals[lo]
+    else:
+        return tl.reshape(_tree(vals, lo, 1, n), (T * n,))
+
+
+@triton.jit
+def _unflat(x, n: tl.constexpr):
+    # inverse of _flat on a [T, 2, ..., 2] tensor: the tuple of its n slots in order
+    if n == 1:
+        return (x,)
+    else:
+        a, b = tl.split(x)
+        ea = _unflat(a, n // 2)
+        eb = _unflat(b, n // 2)
+        out = ()
+        for m in tl.static_range(n):
+            if m % 2 == 0:
+                out = out + (ea[m // 2],)
+            else:
+                out = out + (eb[m // 2],)
+        return out
+
+
+@triton.jit
+def _split_shape(x, T: tl.constexpr, PPT: tl.constexpr):
+    # [T*PPT] -> [T, 2, ..., 2] (log2(PPT) twos), ready for _unflat
+    if PPT == 1:
+        return x
+    elif PPT == 2:
+        return tl.reshape(x, (T, 2))
+    elif PPT == 4:
+        return tl.reshape(x, (T, 2, 2))
+    else:
+        return tl.reshape(x, (T, 2, 2, 2))
+
+
+@triton.jit
+def _stage(img_ptr, s, t, need, NEED: tl.constexpr, mean0, mean1, mean2, inv0, inv1, inv2, N: tl.constexpr,
+           PPT: tl.constexpr, T: tl.constexpr, HW: tl.constexpr, WIDE_LOADS: tl.constexpr,
+           DT: tl.constexpr):
+    # image s's pixels PPT*t .. PPT*t+PPT-1, normalised: tuple of 3*PPT [T] DT values, (q, c)
+    # order; with NEED, a scalar `need` False skips the reads (values then norm(0))
+    base = img_ptr + s.to(tl.int64) * N
+    if T * PPT != HW:
+        live = t * PPT < HW
+    else:
+        live = t >= 0
+    if NEED:
+        live = tl.where(need, live, t < 0)
+    MASKED: tl.constexpr = NEED or T * PPT != HW
+    raw = ()
+    if WIDE_LOADS:  # PPT = 8: 24 bytes per thread as three aligned 8-byte words
+        wp = base.to(tl.pointer_type(tl.uint64)) + 3 * t
+        if MASKED:
+            w0 = tl.load(wp, mask=live, other=0)
+            w1 = tl.load(wp + 1, mask=live, other=0)
+            w2 = tl.load(wp + 2, mask=live, other=0)
+        else:
+            w0 = tl.load(wp)
+            w1 = tl.load(wp + 1)
+            w2 = tl.load(wp + 2)
+        for b in tl.static_range(3 * PPT):
+            if b < 8:
+                w = w0
+            elif b < 16:
+                w = w1
+            else:
+                w = w2
+            raw = raw + (((w >> (8 * (b % 8))) & 255).to(tl.int32),)
+    else:
+        for b in tl.static_range(3 * PPT):
+            if MASKED:
+                v = tl.load(base + 3 * PPT * t + b, mask=live, other=0)
+            else:
+                v = tl.load(base + 3 * PPT * t + b)
+            raw = raw + (v.to(tl.int32),)
+    out = ()
+    for b in tl.static_range(3 * PPT):
+        if b % 3 == 0:
+            v = (raw[b].to(tl.float32) - mean0) * inv0
+        elif b % 3 == 1:
+            v = (raw[b].to(tl.float32) - mean1) * inv1
+        else:
+            v = (raw[b].to(tl.float32) - mean2) * inv2
+        out = out + (v.to(DT),)
+    return out
+
+
+@triton.jit
+def _src(own, par, c: tl.constexpr, PPT: tl.constexpr, T: tl.constexpr, TWO: tl.constexpr):
+    # channel c of the staged source(s) as one flat tensor for tl.gather: [T*PPT] (own only)
+    # or [2*T*PPT] with own pixel p at 2p and the partner's at 2p+1
+    o = ()
+    for q in tl.static_range(PPT):
+        o = o + (own[3 * q + c],)
+    fo = _flat(o, 0, PPT, T)
+    if TWO:
+        pr = ()
+        for q in tl.static_range(PPT):
+            pr = pr + (par[3 * q + c],)
+        return tl.reshape(tl.join(fo, _flat(pr, 0, PPT, T)), (2 * T * PPT,))
+    else:
+        return fo
+
+
+@triton.jit
+def _gather3(s0, s1, s2, idx, ok, z0, z1, z2, PPT: tl.constexpr, T: tl.constexpr):
+    # per pixel slot q: the 3 channels of the staged sources at flat index idx[q] (norm(0)
+    # where not ok[q]): tuple of 3*PPT [T] values in (q, c) order
+    fi = _flat(idx, 0, PPT, T)
+    g0 = _unflat(_split_shape(tl.gather(s0, fi, 0), T, PPT), PPT)
+    g1 = _unflat(_split_shape(tl.gather(s1, fi, 0), T, PPT), PPT)
+    g2 = _unflat(_split_shape(tl.gather(s2, fi, 0), T, PPT), PPT)
+    out = ()
+    for q in tl.static_range(PPT):
+        out = out + (tl.where(ok[q], g0[q], z0), tl.where(ok[q], g1[q], z1), tl.where(ok[q], g2[q], z2))
+    return out
+
+
+@triton.jit
+def _columns(y, x0, oy, ox, fl, pad, H: tl.constexpr, W: tl.constexpr, PPT: tl.constexpr):
+    # base view (pad, crop, flip) of one source for a thread's pixels (y, x0+q), q < PPT:
+    # (a, d, row) with source column a + d*q (valid iff 0 <= it < W) and row offset row
+    sy = y + oy - pad
+    d = tl.where(fl, -1, 1)
+    a = tl.where(fl, (W - 1) - x0, x0) + ox - pad
+    a = tl.where((sy >= 0) & (sy < H), a, W + PPT)  # a row in the padding: no column is valid
+    return a, d, sy * W
 
 
 @triton.jit
 def _cutnmix_kernel(
     img_ptr,  # uint8 [B,H,W,3] contiguous
-    out_ptr,  # out dtype [P,B,H,W,3] contiguous
+    out_ptr,  # out dtype [P,B,H,W,3] (peers layout) or [B,H,W,P,3] (grouped layout), contiguous
     oy_ptr,
     ox_ptr,
     flip_ptr,  # int64, int64, bool [P,B]
@@ -57,76 +196,149 @@ def _cutnmix_kernel(
     P: tl.constexpr,
     H: tl.constexpr,
     W: tl.constexpr,
-    N: tl.constexpr,  # N = H*W*3
-    BLOCK: tl.constexpr,
+    PPT: tl.constexpr,  # pixels per thread: a power of two dividing W (8 at 32x32)
+    T: tl.constexpr,  # threads' runs: next power of two >= H*W/PPT
     BOX: tl.constexpr,
     BLEND: tl.constexpr,
-    WIDE: tl.constexpr,  # 64-bit offsets (only for batches of more than 2**31 output values)
+    GROUPED: tl.constexpr,  # write [B,H,W,P,3] (the grouped network's channels-last input)
+    WIDE_LOADS: tl.constexpr,  # PPT == 8 (every thread's 24 source bytes are 8-byte aligned)
 ):
+    HW: tl.constexpr = H * W
+    N: tl.constexpr = H * W * 3
     i = tl.program_id(0)  # this program's sample
-    if WIDE:
-        i = i.to(tl.int64)
-    ity = i.dtype
-    j = tl.load(perm_ptr + i).to(ity)  # its partner
+    j = tl.load(perm_ptr + i).to(tl.int32)  # its partner
+    t = tl.arange(0, T)
+    p0 = t * PPT  # first pixel of this thread's run (one row: PPT divides W)
+    y = p0 // W  # W constexpr: a shift at 32x32, once per thread
+    x0 = p0 % W
+    odt = out_ptr.dtype.element_ty
+    if BLEND:
+        sdt = tl.float32  # blend normalised float32 values, round once at the end
+    else:
+        sdt = odt  # the gather moves output values: normalise and round once per source pixel
+    zero = tl.zeros((T,), tl.float32)
+    z0 = ((zero - mean0) * inv0).to(sdt)  # norm(0): the zero padding
+    z1 = ((zero - mean1) * inv1).to(sdt)
+    z2 = ((zero - mean2) * inv2).to(sdt)
     if BOX:
         bh = tl.load(bh_ptr + i).to(tl.int32)
         bw = tl.load(bw_ptr + i).to(tl.int32)
+        need_par = (bh > 0) & (bw > 0)
+    else:
+        need_par = BLEND
+    TWO: tl.constexpr = BOX or BLEND
+    own = _stage(img_ptr, i, t, True, False, mean0, mean1, mean2, inv0, inv1, inv2, N, PPT, T, HW, WIDE_LOADS, sdt)
+    if TWO:
+        par = _stage(img_ptr, j, t, need_par, BOX, mean0, mean1, mean2, inv0, inv1, inv2, N, PPT, T, HW,
+                     WIDE_LOADS, sdt)
+    else:
+        par = own
+    s0 = _src(own, par, 0, PPT, T, TWO)
+    s1 = _src(own, par, 1, PPT, T, TWO)
+    s2 = _src(own, par, 2, PPT, T, TWO)
     if BLEND:
         lam_a = tl.load(lam_ptr + i)
         lam_b = 1.0 - lam_a
-    for t in tl.static_range(0, (N + BLOCK - 1) // BLOCK):
-        # flat (y, x, c) index inside one [H,W,3] view: H, W constexpr, so // and % are
-        # multiply-shifts; computed once per chunk and shared by the P peers
-        e = t * BLOCK + tl.arange(0, BLOCK)
-        live = e < N
-        y = e // (W * 3)
-        x = (e // 3) % W
-        c = e % 3
-        mean = tl.where(c == 0, mean0, tl.where(c == 1, mean1, mean2))
-        inv = tl.where(c == 0, inv0, tl.where(c == 1, inv1, inv2))
-        xf = (W - 1) - x  # column of the flipped crop
-        for k in tl.static_range(P):
-            kb = k * B
-            oy_i = tl.load(oy_ptr + kb + i).to(tl.int32)
-            ox_i = tl.load(ox_ptr + kb + i).to(tl.int32)
-            fl_i = tl.load(flip_ptr + kb + i) != 0
-            oy_j = tl.load(oy_ptr + kb + j).to(tl.int32)
-            ox_j = tl.load(ox_ptr + kb + j).to(tl.int32)
-            fl_j = tl.load(flip_ptr + kb + j) != 0
-            if BLEND:
-                # own and partner base views, blended in float32 after normalising
-                sy = y + oy_i - pad
-                sx = tl.where(fl_i, xf, x) + ox_i - pad
-                ok = live & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
-                pa = tl.load(img_ptr + i * N + ((sy * W + sx) * 3 + c), mask=ok, other=0)
-                sy = y + oy_j - pad
-                sx = tl.where(fl_j, xf, x) + ox_j - pad
-                ok = live & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
-                pb = tl.load(img_ptr + j * N + ((sy * W + sx) * 3 + c), mask=ok, other=0)
-                na = (pa.to(tl.float32) - mean) * inv
-                nb = (pb.to(tl.float32) - mean) * inv
-                v = lam_a * na + lam_b * nb
+    if T * PPT != HW:
+        live = p0 < HW
+    allv = ()
+    for k in tl.static_range(P):
+        kb = k * B
+        a_i, d_i, row_i = _columns(y, x0, tl.load(oy_ptr + kb + i).to(tl.int32),
+                                   tl.load(ox_ptr + kb + i).to(tl.int32),
+                                   tl.load(flip_ptr + kb + i) != 0, pad, H, W, PPT)
+        if TWO:
+            a_j, d_j, row_j = _columns(y, x0, tl.load(oy_ptr + kb + j).to(tl.int32),
+                                       tl.load(ox_ptr + kb + j).to(tl.int32),
+                                       tl.load(flip_ptr + kb + j) != 0, pad, H, W, PPT)
+        if BOX:
+            by = tl.load(by_ptr + kb + i).to(tl.int32)
+            bx = tl.load(bx_ptr + kb + i).to(tl.int32)
+            bw_row = tl.where((y >= by) & (y < by + bh), bw, 0)  # box width on this row
+            xb = x0 - bx
+        idx = ()
+        ok = ()
+        idx_b = ()
+        ok_b = ()
+        for q in tl.static_range(PPT):
+            sx = a_i + d_i * q
+            ok_q = sx.to(tl.uint32, bitcast=True) < W
+            if TWO:
+                ix = 2 * (row_i + sx)
             else:
-                if BOX:
-                    by = tl.load(by_ptr + kb + i).to(tl.int32)
-                    bx = tl.load(bx_ptr + kb + i).to(tl.int32)
-                    inb = (y >= by) & (y < by + bh) & (x >= bx) & (x < bx + bw)
-                    s = tl.where(inb, j, i)  # whose base view this pixel shows
-                    oy = tl.where(inb, oy_j, oy_i)
-                    ox = tl.where(inb, ox_j, ox_i)
-                    fl = tl.where(inb, fl_j, fl_i)
+                ix = row_i + sx
+            if BOX or BLEND:
+                sxj = a_j + d_j * q
+                okj = sxj.to(tl.uint32, bitcast=True) < W
+                ixj = 2 * (row_j + sxj) + 1
+            if BOX:
+                inb = (xb + q).to(tl.uint32, bitcast=True) < bw_row.to(tl.uint32, bitcast=True)
+                ix = tl.where(inb, ixj, ix)
+                ok_q = tl.where(inb, okj, ok_q)
+            if BLEND:
+                idx_b = idx_b + (tl.where(okj, ixj, 0),)
+                ok_b = ok_b + (okj,)
+            idx = idx + (tl.where(ok_q, ix, 0),)
+            ok = ok + (ok_q,)
+        vals = _gather3(s0, s1, s2, idx, ok, z0, z1, z2, PPT, T)
+        if BLEND:
+            vb = _gather3(s0, s1, s2, idx_b, ok_b, z0, z1, z2, PPT, T)
+            mixed = ()
+            for e in tl.static_range(3 * PPT):
+                mixed = mixed + ((lam_a * vals[e] + lam_b * vb[e]).to(odt),)
+            vals = mixed
+        if GROUPED:
+            allv = allv + vals
+        else:
+            # this thread's 3*PPT contiguous outputs of view k: three runs of PPT (16 bytes in bf16)
+            dst = out_ptr + (kb + i).to(tl.int64) * N + 3 * PPT * t
+            for r in tl.static_range(3):
+                if PPT > 1:
+                    ptrs = tl.reshape(dst[:, None] + (r * PPT + tl.arange(0, PPT))[None, :], (T * PPT,))
                 else:
-                    s = i
-                    oy = oy_i
-                    ox = ox_i
-                    fl = fl_i
-                sy = y + oy - pad  # pad, crop, then flip (crop coordinates mirrored)
-                sx = tl.where(fl, xf, x) + ox - pad
-                ok = live & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)  # else zero padding
-                p = tl.load(img_ptr + s * N + ((sy * W + sx) * 3 + c), mask=ok, other=0)
-                v = (p.to(tl.float32) - mean) * inv
-            # contiguous, 16-byte aligned run of BLOCK outputs: coalesced vector stores
-            tl.store(out_ptr + (kb + i) * N + e, v.to(out_ptr.dtype.element_ty), mask=live)
+                    ptrs = dst + r
+                if T * PPT != HW:
+                    tl.store(ptrs, _flat(vals, r * PPT, PPT, T), mask=_flat_mask(live, PPT, T))
+                else:
+                    tl.store(ptrs, _flat(vals, r * PPT, PPT, T))
+    if GROUPED:
+        # [B,H,W,P,3]: the thread's PPT pixels x P peers x 3 channels are contiguous; allv is
+        # ordered (k, q, c): regroup to (q, k, c) and write 3*P runs of PPT
+        ordered = ()
+        for e in tl.static_range(3 * P * PPT):
+            q_ = e // (3 * P)
+            k_ = (e % (3 * P)) // 3
+            ordered = ordered + (allv[k_ * 3 * PPT + 3 * q_ + e % 3],)
+        dst = out_ptr + i.to(tl.int64) * (N * P) + 3 * P * PPT * t
+        for r in tl.static_range(3 * P):
+            if PPT > 1:
+                ptrs = tl.reshape(dst[:, None] + (r * PPT + tl.arange(0, PPT))[None, :], (T * PPT,))
+            else:
+                ptrs = dst + r
+            if T * PPT != HW:
+                tl.store(ptrs, _flat(ordered, r * PPT, PPT, T), mask=_flat_mask(live, PPT, T))
+            else:
+                tl.store(ptrs, _flat(ordered, r * PPT, PPT, T))
+
+
+@triton.jit
+def _flat_mask(live, PPT: tl.constexpr, T: tl.constexpr):
+    if PPT == 1:
+        return live
+    else:
+        return tl.reshape(tl.broadcast_to(live[:, None], (T, PPT)), (T * PPT,))
+
+
+def pixels_per_thread(width: int) -> int:
+    """The kernel's run of pixels per thread: the largest power of two <= 8 dividing W."""
+    return math.gcd(int(width), 8)
+
+
+def launch_config(height: int, width: int) -> dict:
+    """Shape-derived constexprs and warps of the kernel for H x W images."""
+    ppt = pixels_per_thread(width)
+    runs = triton.next_power_of_2(max(1, height * width // ppt))
+    return dict(PPT=ppt, T=runs, WIDE_LOADS=ppt == 8, num_warps=max(1, min(8, runs // 32)))
 
 
 def triton_cutnmix_views(
@@ -135,19 +347,22 @@ def triton_cutnmix_views(
     mean32: np.ndarray,
     inv_std32: np.ndarray,
     out_dtype: torch.dtype,
-    wide: bool | None = None,
+    layout: str = "peers",
 ) -> torch.Tensor:
-    """images uint8 [B,H,W,3] -> views [P,B,3,H,W] out_dtype (each views[k] channels-last).
+    """images uint8 [B,H,W,3] -> views [P,B,3,H,W] out_dtype (each views[k] channels-last), or
+    with layout="grouped" [B,P*3,H,W] channels-last (peer k's channels at 3k:3k+3, the input of
+    the grouped network: `trainer.peers.views_to_grouped_input(views)` without the copy).
 
-    One kernel launch, grid (B,); no host synchronisation. Offsets are 32-bit unless the output
-    has 2**31 values or more (`wide`=True forces the 64-bit variant, for tests).
+    One kernel launch, grid (B,); no host synchronisation; 64-bit base offsets.
     """
     b, h, w, _ = images.shape
     P = params.peers
-    out = torch.empty((P, b, h, w, 3), dtype=out_dtype, device=images.device)
+    grouped = layout == "grouped"
+    shape = (b, h, w, P, 3) if grouped else (P, b, h, w, 3)
+    out = torch.empty(shape, dtype=out_dtype, device=images.device)
     m = [float(v) for v in mean32]  # float32 values, exactly representable: passed as fp32
     s = [float(v) for v in inv_std32]
-    n = h * w * 3
+    cfg = launch_config(h, w)
     _cutnmix_kernel[(b,)](
         images.contiguous(),
         out,
@@ -172,12 +387,12 @@ def triton_cutnmix_views(
         P=P,
         H=h,
         W=w,
-        N=n,
-        BLOCK=BLOCK,
         BOX=params.mode in BOX_MODES,
         BLEND=params.mode == "mixup",
-        WIDE=bool(wide) if wide is not None else out.numel() >= 2**31 - BLOCK,
-        num_warps=4,
+        GROUPED=grouped,
         enable_fp_fusion=False,  # no FMA: the mixup blend must round like torch
+        **cfg,
     )
+    if grouped:
+        return out.view(b, h, w, P * 3).permute(0, 3, 1, 2)
     return out.permute(0, 1, 4, 2, 3)
