@@ -26,8 +26,8 @@ from pathlib import Path
 from pipeline import backends
 
 ARCHS = {90: "sm_90a", 80: "sm_80"}
-DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-FAMILIES = {"box": dict(BOX=True, BLEND=False), "blend": dict(BOX=False, BLEND=True), "none": dict(BOX=False, BLEND=False)}
+DTYPES = ("bf16", "fp16", "fp32")  # Triton signature names of the output dtypes
+FAMILIES = {"box": {"BOX": True, "BLEND": False}, "blend": {"BOX": False, "BLEND": True}, "none": {"BOX": False, "BLEND": False}}
 LAYOUTS = ("peers", "grouped")
 # runtime (non-constexpr) arguments of pipeline.ops.triton_impl._cutnmix_kernel, in order
 ARG_TYPES = {
@@ -83,7 +83,7 @@ def compile_kernel(fn, arg_types: dict, constexprs: dict, arch: int, num_warps: 
     from triton.compiler import ASTSource
 
     names = list(fn.arg_names)
-    signature = {n: arg_types[n] if n in arg_types else "constexpr" for n in names}
+    signature = {n: arg_types.get(n, "constexpr") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in arg_types.items() if t.startswith("*")}
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, **options))
@@ -106,7 +106,7 @@ def sass_stats(cubin: bytes) -> dict:
         if parts[0] in ("LDG", "STG"):
             width = next((_WIDTH[p] for p in parts[1:] if p in _WIDTH), 4)
             (loads if parts[0] == "LDG" else stores)[width] += 1
-    return dict(registers=regs, spills=local, instructions=len(ops), loads=dict(loads), stores=dict(stores))
+    return {"registers": regs, "spills": local, "instructions": len(ops), "loads": dict(loads), "stores": dict(stores)}
 
 
 def kernel_variants(peers: int = 3, height: int = 32, width: int = 32):
@@ -118,27 +118,28 @@ def kernel_variants(peers: int = 3, height: int = 32, width: int = 32):
     for family, flags in FAMILIES.items():
         for dt in DTYPES:
             for layout in LAYOUTS:
-                const = dict(P=peers, H=height, W=width, GROUPED=layout == "grouped", **flags, **cfg)
-                types = dict(ARG_TYPES, out_ptr="*" + DTYPES[dt])
+                half = dt != "fp32" and not flags["BLEND"]
+                const = dict(P=peers, H=height, W=width, GROUPED=layout == "grouped", HALF=half, **flags, **cfg)
+                types = dict(ARG_TYPES, out_ptr="*" + dt)
                 yield f"{family}-{dt}-{layout}", _cutnmix_kernel, types, const, warps, peers * height * width * 3
 
 
 def measure(name, fn, arg_types, constexprs, num_warps, outputs, arch) -> dict:
     k = compile_kernel(fn, arg_types, constexprs, arch, num_warps, enable_fp_fusion=False)
     s = sass_stats(k.asm["cubin"])
-    return dict(
-        variant=name,
-        arch=ARCHS[arch],
-        registers=s["registers"],
-        spills=s["spills"],
-        shared_bytes=int(k.metadata.shared),
-        instructions_per_output_element=round(s["instructions"] * num_warps * 32 / outputs, 2),
-        store_bytes=max(s["stores"], default=0),
-        sass_instructions=s["instructions"],
-        threads=num_warps * 32,
-        loads={f"{w}B": n for w, n in sorted(s["loads"].items())},
-        stores={f"{w}B": n for w, n in sorted(s["stores"].items())},
-    )
+    return {
+        "variant": name,
+        "arch": ARCHS[arch],
+        "registers": s["registers"],
+        "spills": s["spills"],
+        "shared_bytes": int(k.metadata.shared),
+        "instructions_per_output_element": round(s["instructions"] * num_warps * 32 / outputs, 2),
+        "store_bytes": max(s["stores"], default=0),
+        "sass_instructions": s["instructions"],
+        "threads": num_warps * 32,
+        "loads": {f"{w}B": n for w, n in sorted(s["loads"].items())},
+        "stores": {f"{w}B": n for w, n in sorted(s["stores"].items())},
+    }
 
 
 def collect(archs=(90, 80), peers: int = 3, height: int = 32, width: int = 32, only: str | None = None) -> list[dict]:

@@ -25,8 +25,6 @@ import triton.language as tl
 
 from pipeline.ops.params import BOX_MODES, CutNMixParams
 
-LAYOUTS = ("peers", "grouped")
-
 
 @triton.jit
 def _tree(vals, lo: tl.constexpr, stride: tl.constexpr, n: tl.constexpr):
@@ -131,33 +129,73 @@ def _stage(img_ptr, s, t, need, NEED: tl.constexpr, mean0, mean1, mean2, inv0, i
 
 
 @triton.jit
-def _src(own, par, c: tl.constexpr, PPT: tl.constexpr, T: tl.constexpr, TWO: tl.constexpr):
-    # channel c of the staged source(s) as one flat tensor for tl.gather: [T*PPT] (own only)
-    # or [2*T*PPT] with own pixel p at 2p and the partner's at 2p+1
+def _pack(v0, v1, v2, HALF: tl.constexpr):
+    # one pixel's 3 values as words for the gather: 16-bit values in one uint64 (bits 0-47),
+    # float32 values as (uint64 holding v0, v1; uint32 holding v2)
+    if HALF:
+        b0 = v0.to(tl.uint16, bitcast=True).to(tl.uint64)
+        b1 = v1.to(tl.uint16, bitcast=True).to(tl.uint64)
+        b2 = v2.to(tl.uint16, bitcast=True).to(tl.uint64)
+        return (b0 | (b1 << 16) | (b2 << 32),)
+    else:
+        b0 = v0.to(tl.uint32, bitcast=True).to(tl.uint64)
+        b1 = v1.to(tl.uint32, bitcast=True).to(tl.uint64)
+        return (b0 | (b1 << 32), v2.to(tl.uint32, bitcast=True))
+
+
+@triton.jit
+def _unpack(ws, DT: tl.constexpr, HALF: tl.constexpr):
+    # inverse of _pack: (v0, v1, v2) in DT
+    if HALF:
+        w = ws[0]
+        return (
+            (w & 0xFFFF).to(tl.uint16).to(DT, bitcast=True),
+            ((w >> 16) & 0xFFFF).to(tl.uint16).to(DT, bitcast=True),
+            ((w >> 32) & 0xFFFF).to(tl.uint16).to(DT, bitcast=True),
+        )
+    else:
+        w = ws[0]
+        return (
+            (w & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True),
+            (w >> 32).to(tl.uint32).to(tl.float32, bitcast=True),
+            ws[1].to(tl.float32, bitcast=True),
+        )
+
+
+@triton.jit
+def _src(own, par, u: tl.constexpr, PPT: tl.constexpr, T: tl.constexpr, TWO: tl.constexpr,
+         HALF: tl.constexpr):
+    # word u of every staged pixel as one flat tensor for tl.gather: [T*PPT] (own only) or
+    # [2*T*PPT] with own pixel p at 2p and the partner's at 2p+1
     o = ()
     for q in tl.static_range(PPT):
-        o = o + (own[3 * q + c],)
+        o = o + (_pack(own[3 * q], own[3 * q + 1], own[3 * q + 2], HALF)[u],)
     fo = _flat(o, 0, PPT, T)
     if TWO:
         pr = ()
         for q in tl.static_range(PPT):
-            pr = pr + (par[3 * q + c],)
+            pr = pr + (_pack(par[3 * q], par[3 * q + 1], par[3 * q + 2], HALF)[u],)
         return tl.reshape(tl.join(fo, _flat(pr, 0, PPT, T)), (2 * T * PPT,))
     else:
         return fo
 
 
 @triton.jit
-def _gather3(s0, s1, s2, idx, ok, z0, z1, z2, PPT: tl.constexpr, T: tl.constexpr):
-    # per pixel slot q: the 3 channels of the staged sources at flat index idx[q] (norm(0)
-    # where not ok[q]): tuple of 3*PPT [T] values in (q, c) order
+def _gather3(s0, s1, idx, ok, z, DT: tl.constexpr, HALF: tl.constexpr, PPT: tl.constexpr,
+             T: tl.constexpr):
+    # per pixel slot q: the 3 values of the staged sources (words s0[, s1]) at flat index idx[q]
+    # (norm(0), the packed words z, where not ok[q]): tuple of 3*PPT [T] DT values, (q, c) order
     fi = _flat(idx, 0, PPT, T)
     g0 = _unflat(_split_shape(tl.gather(s0, fi, 0), T, PPT), PPT)
-    g1 = _unflat(_split_shape(tl.gather(s1, fi, 0), T, PPT), PPT)
-    g2 = _unflat(_split_shape(tl.gather(s2, fi, 0), T, PPT), PPT)
+    if not HALF:
+        g1 = _unflat(_split_shape(tl.gather(s1, fi, 0), T, PPT), PPT)
     out = ()
     for q in tl.static_range(PPT):
-        out = out + (tl.where(ok[q], g0[q], z0), tl.where(ok[q], g1[q], z1), tl.where(ok[q], g2[q], z2))
+        if HALF:
+            ws = (tl.where(ok[q], g0[q], z[0]),)
+        else:
+            ws = (tl.where(ok[q], g0[q], z[0]), tl.where(ok[q], g1[q], z[1]))
+        out = out + _unpack(ws, DT, HALF)
     return out
 
 
@@ -202,6 +240,7 @@ def _cutnmix_kernel(
     BLEND: tl.constexpr,
     GROUPED: tl.constexpr,  # write [B,H,W,P,3] (the grouped network's channels-last input)
     WIDE_LOADS: tl.constexpr,  # PPT == 8 (every thread's 24 source bytes are 8-byte aligned)
+    HALF: tl.constexpr,  # the staged values are 16-bit (bf16/fp16 output, not mixup)
 ):
     HW: tl.constexpr = H * W
     N: tl.constexpr = H * W * 3
@@ -233,9 +272,12 @@ def _cutnmix_kernel(
                      WIDE_LOADS, sdt)
     else:
         par = own
-    s0 = _src(own, par, 0, PPT, T, TWO)
-    s1 = _src(own, par, 1, PPT, T, TWO)
-    s2 = _src(own, par, 2, PPT, T, TWO)
+    s0 = _src(own, par, 0, PPT, T, TWO, HALF)
+    if HALF:
+        s1 = s0
+    else:
+        s1 = _src(own, par, 1, PPT, T, TWO, HALF)
+    z = _pack(z0, z1, z2, HALF)
     if BLEND:
         lam_a = tl.load(lam_ptr + i)
         lam_b = 1.0 - lam_a
@@ -256,21 +298,25 @@ def _cutnmix_kernel(
             bx = tl.load(bx_ptr + kb + i).to(tl.int32)
             bw_row = tl.where((y >= by) & (y < by + bh), bw, 0)  # box width on this row
             xb = x0 - bx
+        # flat gather index of slot q: c + e*q (own pixel p at 2p, partner's at 2p+1 when TWO)
+        if TWO:
+            c_i = 2 * (row_i + a_i)
+            e_i = 2 * d_i
+            c_j = 2 * (row_j + a_j) + 1
+            e_j = 2 * d_j
+        else:
+            c_i = row_i + a_i
+            e_i = d_i
         idx = ()
         ok = ()
         idx_b = ()
         ok_b = ()
         for q in tl.static_range(PPT):
-            sx = a_i + d_i * q
-            ok_q = sx.to(tl.uint32, bitcast=True) < W
-            if TWO:
-                ix = 2 * (row_i + sx)
-            else:
-                ix = row_i + sx
+            ok_q = (a_i + d_i * q).to(tl.uint32, bitcast=True) < W
+            ix = c_i + e_i * q
             if BOX or BLEND:
-                sxj = a_j + d_j * q
-                okj = sxj.to(tl.uint32, bitcast=True) < W
-                ixj = 2 * (row_j + sxj) + 1
+                okj = (a_j + d_j * q).to(tl.uint32, bitcast=True) < W
+                ixj = c_j + e_j * q
             if BOX:
                 inb = (xb + q).to(tl.uint32, bitcast=True) < bw_row.to(tl.uint32, bitcast=True)
                 ix = tl.where(inb, ixj, ix)
@@ -280,15 +326,16 @@ def _cutnmix_kernel(
                 ok_b = ok_b + (okj,)
             idx = idx + (tl.where(ok_q, ix, 0),)
             ok = ok + (ok_q,)
-        vals = _gather3(s0, s1, s2, idx, ok, z0, z1, z2, PPT, T)
+        vals = _gather3(s0, s1, idx, ok, z, sdt, HALF, PPT, T)
         if BLEND:
-            vb = _gather3(s0, s1, s2, idx_b, ok_b, z0, z1, z2, PPT, T)
+            vb = _gather3(s0, s1, idx_b, ok_b, z, sdt, HALF, PPT, T)
             mixed = ()
             for e in tl.static_range(3 * PPT):
                 mixed = mixed + ((lam_a * vals[e] + lam_b * vb[e]).to(odt),)
             vals = mixed
         if GROUPED:
-            allv = allv + vals
+            for e in tl.static_range(3 * PPT):
+                allv = allv + (vals[e],)
         else:
             # this thread's 3*PPT contiguous outputs of view k: three runs of PPT (16 bytes in bf16)
             dst = out_ptr + (kb + i).to(tl.int64) * N + 3 * PPT * t
@@ -305,10 +352,8 @@ def _cutnmix_kernel(
         # [B,H,W,P,3]: the thread's PPT pixels x P peers x 3 channels are contiguous; allv is
         # ordered (k, q, c): regroup to (q, k, c) and write 3*P runs of PPT
         ordered = ()
-        for e in tl.static_range(3 * P * PPT):
-            q_ = e // (3 * P)
-            k_ = (e % (3 * P)) // 3
-            ordered = ordered + (allv[k_ * 3 * PPT + 3 * q_ + e % 3],)
+        for e in tl.static_range(3 * P * PPT):  # e = (q*P + k)*3 + c  ->  (k*PPT + q)*3 + c
+            ordered = ordered + (allv[((e % (3 * P)) // 3) * 3 * PPT + 3 * (e // (3 * P)) + e % 3],)
         dst = out_ptr + i.to(tl.int64) * (N * P) + 3 * P * PPT * t
         for r in tl.static_range(3 * P):
             if PPT > 1:
@@ -338,7 +383,7 @@ def launch_config(height: int, width: int) -> dict:
     """Shape-derived constexprs and warps of the kernel for H x W images."""
     ppt = pixels_per_thread(width)
     runs = triton.next_power_of_2(max(1, height * width // ppt))
-    return dict(PPT=ppt, T=runs, WIDE_LOADS=ppt == 8, num_warps=max(1, min(8, runs // 32)))
+    return {"PPT": ppt, "T": runs, "WIDE_LOADS": ppt == 8, "num_warps": max(1, min(8, runs // 32))}
 
 
 def triton_cutnmix_views(
@@ -390,6 +435,7 @@ def triton_cutnmix_views(
         BOX=params.mode in BOX_MODES,
         BLEND=params.mode == "mixup",
         GROUPED=grouped,
+        HALF=out_dtype.itemsize == 2 and params.mode != "mixup",
         enable_fp_fusion=False,  # no FMA: the mixup blend must round like torch
         **cfg,
     )
