@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -173,6 +174,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not available():
         print("error: needs triton with GPUTarget compilation and its bundled cuobjdump")
+        return 1
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("error: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
         return 1
     rows = collect(tuple(a.arch or (90, 80)), a.peers, only=a.only)
     print(json.dumps(rows, indent=1) if a.json else table(rows))
