@@ -91,7 +91,7 @@ def _stage(img_ptr, s, t, need, NEED: tl.constexpr, mean0, mean1, mean2, inv0, i
         live = tl.where(need, live, t < 0)
     MASKED: tl.constexpr = NEED or T * PPT != HW
     raw = ()
-    if WIDE_LOADS:  # PPT = 8: 24 bytes per thread as three aligned 8-byte words
+    if WIDE_LOADS:  # PPT = 8: 24 bytes per thread as three aligned 8-byte loads
         wp = base.to(tl.pointer_type(tl.uint64)) + 3 * t
         if MASKED:
             w0 = tl.load(wp, mask=live, other=0)
@@ -101,14 +101,11 @@ def _stage(img_ptr, s, t, need, NEED: tl.constexpr, mean0, mean1, mean2, inv0, i
             w0 = tl.load(wp)
             w1 = tl.load(wp + 1)
             w2 = tl.load(wp + 2)
+        # as six 32-bit words: a byte is then one byte-select of a 32-bit register
+        words = (w0.to(tl.uint32), (w0 >> 32).to(tl.uint32), w1.to(tl.uint32), (w1 >> 32).to(tl.uint32),
+                 w2.to(tl.uint32), (w2 >> 32).to(tl.uint32))
         for b in tl.static_range(3 * PPT):
-            if b < 8:
-                w = w0
-            elif b < 16:
-                w = w1
-            else:
-                w = w2
-            raw = raw + (((w >> (8 * (b % 8))) & 255).to(tl.int32),)
+            raw = raw + (((words[b // 4] >> (8 * (b % 4))) & 255).to(tl.int32),)
     else:
         for b in tl.static_range(3 * PPT):
             if MASKED:
@@ -132,11 +129,11 @@ def _stage(img_ptr, s, t, need, NEED: tl.constexpr, mean0, mean1, mean2, inv0, i
 def _pack(v0, v1, v2, HALF: tl.constexpr):
     # one pixel's 3 values as words for the gather: 16-bit values in one uint64 (bits 0-47),
     # float32 values as (uint64 holding v0, v1; uint32 holding v2)
-    if HALF:
-        b0 = v0.to(tl.uint16, bitcast=True).to(tl.uint64)
-        b1 = v1.to(tl.uint16, bitcast=True).to(tl.uint64)
+    if HALF:  # 32-bit packing (one PRMT), the high word a register of the pair
+        b0 = v0.to(tl.uint16, bitcast=True).to(tl.uint32)
+        b1 = v1.to(tl.uint16, bitcast=True).to(tl.uint32)
         b2 = v2.to(tl.uint16, bitcast=True).to(tl.uint64)
-        return (b0 | (b1 << 16) | (b2 << 32),)
+        return ((b0 | (b1 << 16)).to(tl.uint64) | (b2 << 32),)
     else:
         b0 = v0.to(tl.uint32, bitcast=True).to(tl.uint64)
         b1 = v1.to(tl.uint32, bitcast=True).to(tl.uint64)
