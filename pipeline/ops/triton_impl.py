@@ -8,10 +8,11 @@ output element, store widths): `python -m bench.kernel_stats`.
 
 One program per sample, one thread per run of PPT (8 at 32x32) pixels of a row. The program
 reads its image (and its partner's, when mixed) once with 8-byte loads, normalises every source
-value once, stages it in shared memory (`tl.gather`), then per peer computes one gather index
-per output pixel (pad, crop, flip and box are two adds and compares per pixel, every per-sample
-parameter is a scalar loaded once) and writes each thread's 3*PPT contiguous outputs with
-16-byte stores. No division in the per-pixel work (x is the slot q, y one per thread).
+value once (mixup: stages raw pixels, normalises after the gather), stages it in shared memory
+(`tl.gather`), then per peer computes one gather index per output pixel (pad, crop, flip and box
+are a few adds and compares per pixel, every per-sample parameter is a scalar loaded once) and
+writes each thread's 3*PPT contiguous outputs with 16-byte stores. No division per pixel.
+layout="grouped" writes [B,H,W,P,3] (= [B,P*3,H,W] channels-last) the same way.
 """
 
 from __future__ import annotations
@@ -77,11 +78,10 @@ def _split_shape(x, T: tl.constexpr, PPT: tl.constexpr):
 
 
 @triton.jit
-def _stage(img_ptr, s, t, need, NEED: tl.constexpr, mean0, mean1, mean2, inv0, inv1, inv2, N: tl.constexpr,
-           PPT: tl.constexpr, T: tl.constexpr, HW: tl.constexpr, WIDE_LOADS: tl.constexpr,
-           DT: tl.constexpr):
-    # image s's pixels PPT*t .. PPT*t+PPT-1, normalised: tuple of 3*PPT [T] DT values, (q, c)
-    # order; with NEED, a scalar `need` False skips the reads (values then norm(0))
+def _bytes(img_ptr, s, t, need, NEED: tl.constexpr, N: tl.constexpr, PPT: tl.constexpr, T: tl.constexpr,
+           HW: tl.constexpr, WIDE_LOADS: tl.constexpr):
+    # image s's pixels PPT*t .. PPT*t+PPT-1: tuple of 3*PPT [T] int32 bytes, (q, c) order;
+    # with NEED, a scalar `need` False skips the reads (bytes then 0)
     base = img_ptr + s.to(tl.int64) * N
     if T * PPT != HW:
         live = t * PPT < HW
@@ -113,6 +113,15 @@ def _stage(img_ptr, s, t, need, NEED: tl.constexpr, mean0, mean1, mean2, inv0, i
             else:
                 v = tl.load(base + 3 * PPT * t + b)
             raw = raw + (v.to(tl.int32),)
+    return raw
+
+
+@triton.jit
+def _stage(img_ptr, s, t, need, NEED: tl.constexpr, mean0, mean1, mean2, inv0, inv1, inv2, N: tl.constexpr,
+           PPT: tl.constexpr, T: tl.constexpr, HW: tl.constexpr, WIDE_LOADS: tl.constexpr,
+           DT: tl.constexpr):
+    # _bytes normalised: tuple of 3*PPT [T] DT values, (q, c) order
+    raw = _bytes(img_ptr, s, t, need, NEED, N, PPT, T, HW, WIDE_LOADS)
     out = ()
     for b in tl.static_range(3 * PPT):
         if b % 3 == 0:
@@ -123,6 +132,29 @@ def _stage(img_ptr, s, t, need, NEED: tl.constexpr, mean0, mean1, mean2, inv0, i
             v = (raw[b].to(tl.float32) - mean2) * inv2
         out = out + (v.to(DT),)
     return out
+
+
+@triton.jit
+def _pixels(img_ptr, s, t, N: tl.constexpr, PPT: tl.constexpr, T: tl.constexpr, HW: tl.constexpr,
+            WIDE_LOADS: tl.constexpr):
+    # image s's pixels of this thread as flat [T*PPT] uint32 (r | g << 8 | b << 16)
+    raw = _bytes(img_ptr, s, t, True, False, N, PPT, T, HW, WIDE_LOADS)
+    px = ()
+    for q in tl.static_range(PPT):
+        px = px + ((raw[3 * q] | (raw[3 * q + 1] << 8) | (raw[3 * q + 2] << 16)).to(tl.uint32, bitcast=True),)
+    return _flat(px, 0, PPT, T)
+
+
+@triton.jit
+def _norm_px(px, c: tl.constexpr, mean0, mean1, mean2, inv0, inv1, inv2):
+    # channel c of packed pixels, normalised in float32
+    v = ((px >> (8 * c)) & 255).to(tl.float32)
+    if c == 0:
+        return (v - mean0) * inv0
+    elif c == 1:
+        return (v - mean1) * inv1
+    else:
+        return (v - mean2) * inv2
 
 
 @triton.jit
@@ -248,14 +280,6 @@ def _cutnmix_kernel(
     y = p0 // W  # W constexpr: a shift at 32x32, once per thread
     x0 = p0 % W
     odt = out_ptr.dtype.element_ty
-    if BLEND:
-        sdt = tl.float32  # blend normalised float32 values, round once at the end
-    else:
-        sdt = odt  # the gather moves output values: normalise and round once per source pixel
-    zero = tl.zeros((T,), tl.float32)
-    z0 = ((zero - mean0) * inv0).to(sdt)  # norm(0): the zero padding
-    z1 = ((zero - mean1) * inv1).to(sdt)
-    z2 = ((zero - mean2) * inv2).to(sdt)
     if BOX:
         bh = tl.load(bh_ptr + i).to(tl.int32)
         bw = tl.load(bw_ptr + i).to(tl.int32)
@@ -263,18 +287,31 @@ def _cutnmix_kernel(
     else:
         need_par = BLEND
     TWO: tl.constexpr = BOX or BLEND
-    own = _stage(img_ptr, i, t, True, False, mean0, mean1, mean2, inv0, inv1, inv2, N, PPT, T, HW, WIDE_LOADS, sdt)
-    if TWO:
-        par = _stage(img_ptr, j, t, need_par, BOX, mean0, mean1, mean2, inv0, inv1, inv2, N, PPT, T, HW,
-                     WIDE_LOADS, sdt)
+    if BLEND:
+        # mixup: stage raw pixels (one uint32 each, 0 = the zero padding), normalise after the
+        # gather and blend in float32: few registers live across the peers
+        s0 = tl.reshape(tl.join(_pixels(img_ptr, i, t, N, PPT, T, HW, WIDE_LOADS),
+                                _pixels(img_ptr, j, t, N, PPT, T, HW, WIDE_LOADS)), (2 * T * PPT,))
     else:
-        par = own
-    s0 = _src(own, par, 0, PPT, T, TWO, HALF)
-    if HALF:
-        s1 = s0
-    else:
-        s1 = _src(own, par, 1, PPT, T, TWO, HALF)
-    z = _pack(z0, z1, z2, HALF)
+        # box modes and none: the gather moves output values, normalised and rounded once per
+        # source pixel
+        own = _stage(img_ptr, i, t, True, False, mean0, mean1, mean2, inv0, inv1, inv2, N, PPT, T, HW,
+                     WIDE_LOADS, odt)
+        if TWO:
+            par = _stage(img_ptr, j, t, need_par, BOX, mean0, mean1, mean2, inv0, inv1, inv2, N, PPT, T, HW,
+                         WIDE_LOADS, odt)
+        else:
+            par = own
+        s0 = _src(own, par, 0, PPT, T, TWO, HALF)
+        if HALF:
+            s1 = s0
+        else:
+            s1 = _src(own, par, 1, PPT, T, TWO, HALF)
+        zero = tl.zeros((T,), tl.float32)
+        z0 = ((zero - mean0) * inv0).to(odt)  # norm(0): the zero padding
+        z1 = ((zero - mean1) * inv1).to(odt)
+        z2 = ((zero - mean2) * inv2).to(odt)
+        z = _pack(z0, z1, z2, HALF)
     if BLEND:
         lam_a = tl.load(lam_ptr + i)
         lam_b = 1.0 - lam_a
@@ -323,13 +360,19 @@ def _cutnmix_kernel(
                 ok_b = ok_b + (okj,)
             idx = idx + (tl.where(ok_q, ix, 0),)
             ok = ok + (ok_q,)
-        vals = _gather3(s0, s1, idx, ok, z, sdt, HALF, PPT, T)
         if BLEND:
-            vb = _gather3(s0, s1, idx_b, ok_b, z, sdt, HALF, PPT, T)
-            mixed = ()
-            for e in tl.static_range(3 * PPT):
-                mixed = mixed + ((lam_a * vals[e] + lam_b * vb[e]).to(odt),)
-            vals = mixed
+            ga = _unflat(_split_shape(tl.gather(s0, _flat(idx, 0, PPT, T), 0), T, PPT), PPT)
+            gb = _unflat(_split_shape(tl.gather(s0, _flat(idx_b, 0, PPT, T), 0), T, PPT), PPT)
+            vals = ()
+            for q in tl.static_range(PPT):
+                pa = tl.where(ok[q], ga[q], 0)
+                pb = tl.where(ok_b[q], gb[q], 0)
+                for c in tl.static_range(3):
+                    na = _norm_px(pa, c, mean0, mean1, mean2, inv0, inv1, inv2)
+                    nb = _norm_px(pb, c, mean0, mean1, mean2, inv0, inv1, inv2)
+                    vals = vals + ((lam_a * na + lam_b * nb).to(odt),)
+        else:
+            vals = _gather3(s0, s1, idx, ok, z, odt, HALF, PPT, T)
         if GROUPED:
             for e in tl.static_range(3 * PPT):
                 allv = allv + (vals[e],)
