@@ -119,8 +119,7 @@ def kernel_variants(peers: int = 3, height: int = 32, width: int = 32):
     for family, flags in FAMILIES.items():
         for dt in DTYPES:
             for layout in LAYOUTS:
-                half = dt != "fp32" and not flags["BLEND"]
-                const = dict(P=peers, H=height, W=width, GROUPED=layout == "grouped", HALF=half, **flags, **cfg)
+                const = dict(P=peers, H=height, W=width, GROUPED=layout == "grouped", **flags, **cfg)
                 types = dict(ARG_TYPES, out_ptr="*" + dt)
                 yield f"{family}-{dt}-{layout}", _cutnmix_kernel, types, const, warps, peers * height * width * 3
 
