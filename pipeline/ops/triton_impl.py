@@ -345,9 +345,11 @@ def triton_cutnmix_views(
     out = torch.empty(shape, dtype=out_dtype, device=images.device)
     m = [float(v) for v in mean32]  # float32 values, exactly representable: passed as fp32
     s = [float(v) for v in inv_std32]
+    images = images.contiguous()
     cfg = launch_config(h, w)
+    cfg["WIDE_LOADS"] = cfg["WIDE_LOADS"] and images.data_ptr() % 8 == 0  # a view may start anywhere
     _cutnmix_kernel[(b,)](
-        images.contiguous(),
+        images,
         out,
         # the params are tiny and already contiguous: pass them as they are (no extra kernels)
         params.offset_y.contiguous(),

@@ -314,3 +314,16 @@ def test_bad_layout_is_one_line_error():
     params = make_params(peers=1, batch=2, height=4, width=4)
     with pytest.raises(CnmError, match="unknown Cut.nMix output layout 'nchw'"):
         cutnmix(images(2, 4, 4), torch.arange(2), params, layout="nchw")
+
+
+@interpreter_only
+def test_triton_unaligned_images_use_byte_loads():
+    """A contiguous view starting at an odd address (no 8-byte loads possible) gives the same views."""
+    b = 2
+    flat = torch.zeros(b * 32 * 32 * 3 + 1, dtype=torch.uint8)
+    imgs = flat[1:].view(b, 32, 32, 3)
+    imgs.copy_(images(b, 32, 32, seed=8))
+    assert imgs.is_contiguous() and imgs.data_ptr() % 8 != 0
+    params = draw_params(b, 2, 32, 32, mode="cutnmix", mix_prob=1.0, generator=torch.Generator().manual_seed(8))
+    expected = run("numpy", imgs, torch.arange(b), params)
+    assert_views_equal(run("triton", imgs, torch.arange(b), params), expected)
