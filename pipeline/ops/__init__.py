@@ -1,4 +1,4 @@
-"""Cut^nMix and its variants as batch ops (see DESIGN.md, section Cut^nMix).
+"""Cut^nMix and its variants as batch ops (docs/design.md#cutnmix).
 
     from pipeline.ops import CutNMix
     aug = CutNMix(peers=3, mode="cutnmix", alpha=1.0, mix_prob=0.5, pad=4, flip=True,
@@ -9,18 +9,29 @@
 `CutNMixParams` on the device. Back-ends (numba, triton, DALI) are imported lazily.
 """
 
-from pipeline.ops.core import CIFAR10_MEAN, CIFAR10_STD, IMPLS, CutNMix, cutnmix, resolve_impl
+from pipeline.ops.core import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMPLS,
+    LAYOUTS,
+    CutNMix,
+    cutnmix,
+    grouped_layout,
+    resolve_impl,
+)
 from pipeline.ops.params import MODES, CutNMixParams, draw_params, make_params
 
 __all__ = [
-    "CutNMix",
-    "cutnmix",
-    "draw_params",
-    "make_params",
-    "CutNMixParams",
-    "MODES",
-    "IMPLS",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "IMPLS",
+    "LAYOUTS",
+    "MODES",
+    "CutNMix",
+    "CutNMixParams",
+    "cutnmix",
+    "draw_params",
+    "grouped_layout",
+    "make_params",
     "resolve_impl",
 ]

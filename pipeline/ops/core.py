@@ -1,7 +1,7 @@
 """Cut^nMix: the functional core `cutnmix` and the thin `CutNMix` wrapper that draws its params.
 
 Cut^nMix (Shen, Xu, Yang, Li, Guo, "Mixed Sample Augmentation for Online Distillation",
-arXiv 2206.12370; this project's formulation in DESIGN.md, section Cut^nMix): every peer gets its
+arXiv 2206.12370; this project's formulation in docs/design.md#cutnmix): every peer gets its
 own pad-crop-flip base view of every sample; one partner permutation per batch; per sample a
 box size (from lam ~ Beta(alpha, alpha)) shared by all peers, at a different position for every
 peer, filled with the partner's view of that peer; lam = 1 - box area / image area. Variants:
@@ -37,6 +37,7 @@ from pipeline.ops.params import (
 )
 
 IMPLS = ("auto", "reference", "torch", "numba", "triton")
+LAYOUTS = ("peers", "grouped")
 CIFAR10_MEAN = (125.3, 123.0, 113.9)
 CIFAR10_STD = (63.0, 62.1, 66.7)
 
@@ -74,6 +75,7 @@ def cutnmix(
     std: Sequence[float] = CIFAR10_STD,
     out_dtype: torch.dtype = torch.bfloat16,
     impl: str = "auto",
+    layout: str = "peers",
 ):
     """The functional core: a pure function of the images and the drawn parameters.
 
@@ -83,6 +85,10 @@ def cutnmix(
         y_a    int64 [B] = labels
         y_b    int64 [B] = labels[perm]
         lam    float32 [B]: weight of y_a (1.0 where a sample is not mixed)
+    With layout="grouped", views is instead out_dtype [B,P*3,H,W] channels-last, peer k's
+    channels at 3k:3k+3: the input of the grouped peers network (what
+    `trainer.peers.views_to_grouped_input` makes of the "peers" views); the Triton kernel writes
+    it directly, the other implementations convert (one copy).
     No host synchronisation except with impl="reference" (and the CPU kernels, which run on the
     host anyway).
     """
@@ -97,11 +103,14 @@ def cutnmix(
         )
         raise CnmError(f"labels must be an integer tensor [B] = [{b}], got {got}")
     check_params(params, b, images.device)
+    if layout not in LAYOUTS:
+        raise CnmError(f"unknown Cut^nMix output layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     which = resolve_impl(impl, images.device)
     if which == "reference":
         from pipeline.ops.reference import reference_cutnmix
 
-        return reference_cutnmix(images, labels, params, mean=mean, std=std, out_dtype=dtype)
+        views, y_a, y_b, lam = reference_cutnmix(images, labels, params, mean=mean, std=std, out_dtype=dtype)
+        return (grouped_layout(views) if layout == "grouped" else views), y_a, y_b, lam
     images = images.contiguous()
     views = None
     if which == "numba":
@@ -115,13 +124,23 @@ def cutnmix(
     if which == "triton":
         from pipeline.ops.triton_impl import triton_cutnmix_views
 
-        views = triton_cutnmix_views(images, params, mean32, inv_std32, dtype)
-    elif which == "torch":
-        from pipeline.ops.torch_impl import torch_cutnmix_views
+        views = triton_cutnmix_views(images, params, mean32, inv_std32, dtype, layout=layout)
+    else:
+        if which == "torch":
+            from pipeline.ops.torch_impl import torch_cutnmix_views
 
-        views = torch_cutnmix_views(images, params, mean32, inv_std32, dtype)
+            views = torch_cutnmix_views(images, params, mean32, inv_std32, dtype)
+        if layout == "grouped":
+            views = grouped_layout(views)
     y_a = labels.to(device=images.device, dtype=torch.int64)
     return views, y_a, y_a[params.perm], params.lam
+
+
+def grouped_layout(views: torch.Tensor) -> torch.Tensor:
+    """views [P,B,3,H,W] (each views[k] channels-last) -> [B,P*3,H,W] channels-last (one copy),
+    peer k's channels at 3k:3k+3."""
+    P, B, C, H, W = views.shape
+    return views.permute(1, 3, 4, 0, 2).reshape(B, H, W, P * C).permute(0, 3, 1, 2)
 
 
 class CutNMix:
@@ -135,6 +154,7 @@ class CutNMix:
     views[k] channels-last; y_b = y_a[perm]; lam float32 [B], 1.0 where a sample is not mixed.
     mode: "cutnmix" (per-peer box positions), "cutmix" (one position), "mixup", "none".
     mean/std in pixel units (0..255). pad=0 and flip=False make the base view the identity.
+    layout="grouped": views [B,P*3,H,W] channels-last instead (see `cutnmix`).
     """
 
     def __init__(
@@ -149,6 +169,7 @@ class CutNMix:
         std: Sequence[float] = CIFAR10_STD,
         out_dtype=torch.bfloat16,
         impl: str = "auto",
+        layout: str = "peers",
     ):
         check_config(peers, mode, alpha, mix_prob, pad)
         norm_constants(mean, std)  # validates
@@ -158,12 +179,16 @@ class CutNMix:
         self.pad, self.flip = int(pad), bool(flip)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.out_dtype = resolve_dtype(out_dtype)
+        if layout not in LAYOUTS:
+            raise CnmError(f"unknown Cut^nMix output layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
         self.impl = impl
+        self.layout = layout
 
     def __repr__(self) -> str:
         return (
             f"CutNMix(peers={self.peers}, mode={self.mode!r}, alpha={self.alpha}, mix_prob={self.mix_prob}, "
-            f"pad={self.pad}, flip={self.flip}, out_dtype={self.out_dtype}, impl={self.impl!r})"
+            f"pad={self.pad}, flip={self.flip}, out_dtype={self.out_dtype}, impl={self.impl!r}, "
+            f"layout={self.layout!r})"
         )
 
     def draw(
@@ -192,7 +217,14 @@ class CutNMix:
     def apply(self, images: torch.Tensor, labels: torch.Tensor, params: CutNMixParams):
         """`cutnmix` with this object's mean/std/out_dtype/impl and the given params."""
         return cutnmix(
-            images, labels, params, mean=self.mean, std=self.std, out_dtype=self.out_dtype, impl=self.impl
+            images,
+            labels,
+            params,
+            mean=self.mean,
+            std=self.std,
+            out_dtype=self.out_dtype,
+            impl=self.impl,
+            layout=self.layout,
         )
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):

@@ -1,6 +1,6 @@
 """Compiled CPU Cut^nMix (numba): one pass over the output, the fast CPU training path.
 
-Same semantics as `pipeline.ops.reference` (DESIGN.md, section Cut^nMix; Shen et al.,
+Same semantics as `pipeline.ops.reference` (docs/design.md#cutnmix; Shen et al.,
 arXiv 2206.12370 as formulated by this project). Why it is fast on a CPU where a chain of torch
 ops is not: every torch op is a full pass over memory (~1.5 ns/element on this 2-core box), and
 the torch path needs several; here each output row is written once, as at most three
@@ -8,8 +8,10 @@ contiguous segments (left of the box: own view, box: partner's view, right: own 
 a tight loop of `out = lut[c, pixel]` where `lut` [3,256] holds norm(p) already rounded to the
 output dtype (so the values are the reference's bit for bit). Output dtypes are handled as
 same-width integers (int16 for bf16/fp16, int32 for fp32), so one compiled kernel serves all.
-Mixup writes float32 (lam*lut32[a] + (1-lam)*lut32[b], no FMA contraction: numba compiles
-without fast-math) and is cast by torch.
+Mixup blends in float32 (lam*lut32[a] + (1-lam)*lut32[b], no FMA contraction: numba compiles
+without fast-math) and writes float32 or bfloat16 (rounded to nearest even in the kernel);
+float16 is cast by torch. Per pixel, parameters hoisted, source rows resolved once per output
+row (see `_numba_kernels`).
 
 numba is imported lazily (it comes with ffcv); without it `available()` is False and the
 pure-torch path (`pipeline.ops.torch_impl`) is used instead. Samples run in parallel (prange).
@@ -88,7 +90,10 @@ def numba_cutnmix_views(
     fl = params.flip.numpy()
     perm = params.perm.numpy()
     if params.mode == "mixup":
-        out = torch.empty((P, b, h, w, 3), dtype=torch.float32)
+        # float32 and bfloat16 are written by the kernel (bf16 rounded to nearest even in it);
+        # float16 is blended in float32 and cast by torch
+        direct = out_dtype in (torch.float32, torch.bfloat16)
+        out = torch.empty((P, b, h, w, 3), dtype=out_dtype if direct else torch.float32)
         with _lock:
             blend_kernel(
                 imgs,
@@ -99,7 +104,8 @@ def numba_cutnmix_views(
                 perm,
                 params.lam.numpy(),
                 params.pad,
-                out.numpy(),
+                _int_view(out) if out.dtype == torch.bfloat16 else out.numpy(),
+                out.dtype == torch.bfloat16,
             )
         out = out.to(out_dtype)
     else:

@@ -1,27 +1,23 @@
 """Fused Triton Cut^nMix: one launch turns a uint8 batch into all P normalised peer views.
 
-Same semantics as `pipeline.ops.reference` (DESIGN.md, section Cut^nMix; Shen et al.,
-arXiv 2206.12370 as formulated by this project). Runs on CUDA tensors, and on CPU tensors under
-`TRITON_INTERPRET=1` (how the tests exercise it without a GPU). This module imports triton at
-the top: import it only through `pipeline.ops.cutnmix` (impl="triton"/"auto"), which checks that
-triton is installed first.
+Same semantics as `pipeline.ops.reference` (docs/design.md#cutnmix; Shen et al., arXiv
+2206.12370 as formulated by this project). Runs on CUDA tensors, and on CPU tensors under
+`TRITON_INTERPRET=1`. Import it only through `pipeline.ops.cutnmix` (impl="triton"/"auto"),
+which checks that triton is installed first. Offline evidence (registers, SASS instructions per
+output element, store widths): `python -m bench.kernel_stats`.
 
-Why it is fast (the op is memory-bound: per sample it must read 3 KB of uint8 and write
-P*H*W*3 output values, 18 KB for P=3 in bf16, so the goal is to move exactly those bytes once):
-- One program per sample, looping over all P peers: the sample's 3 KB source image is fetched
-  from HBM once and served from L1/L2 to every peer's crop; the partner's box pixels are the
-  only other reads. No intermediate (padded, cropped, flipped, pasted, float) tensor is ever
-  written: pad, crop, flip, box paste, normalise and cast all happen in registers.
-- The program walks its sample's [H,W,3] output, for each peer, in contiguous chunks of BLOCK
-  elements, so every store is a fully coalesced, vectorisable (16 B per thread) write of
-  channels-last data; H, W are compile-time constants so the row/column/channel of each element
-  is a multiply-shift, and the output offset's divisibility is known to the compiler.
-- Row/column/channel and the per-channel constants are computed once per chunk and reused for
-  the P peers; all per-(peer, sample) parameters are a handful of scalar loads.
-- The zero padding is a masked load (`other=0`), never materialised.
+One program per sample, one thread per run of PPT (8 at 32x32) pixels of a row. The program
+reads its image (and its partner's, when mixed) once with 8-byte loads and stages the pixels
+(one uint32 each) in shared memory (`tl.gather`); per peer it computes one gather index per output
+pixel (pad, crop, flip and box are a few adds and compares per pixel, every per-sample parameter
+a scalar loaded once), normalises the 3 channels and writes each thread's 3*PPT contiguous
+outputs with 16-byte stores. No division per pixel.
+layout="grouped" writes [B,H,W,P,3] (= [B,P*3,H,W] channels-last) the same way.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -30,13 +26,140 @@ import triton.language as tl
 
 from pipeline.ops.params import BOX_MODES, CutNMixParams
 
-BLOCK = 1024  # elements per chunk (8 per thread with 4 warps)
+
+@triton.jit
+def _tree(vals, lo: tl.constexpr, stride: tl.constexpr, n: tl.constexpr):
+    # join vals[lo], vals[lo+stride], ... (n of them, n a power of two) into [..., 2, .., 2]
+    # such that a row-major reshape lists them in order (the inner joins pair distant slots)
+    if n == 1:
+        return vals[lo]
+    else:
+        return tl.join(_tree(vals, lo, stride * 2, n // 2), _tree(vals, lo + stride, stride * 2, n // 2))
+
+
+@triton.jit
+def _flat(vals, lo: tl.constexpr, n: tl.constexpr, T: tl.constexpr):
+    # [T] tensors vals[lo:lo+n] -> [T*n], element t*n + m = vals[lo+m][t] (register relabelling)
+    if n == 1:
+        return vals[lo]
+    else:
+        return tl.reshape(_tree(vals, lo, 1, n), (T * n,))
+
+
+@triton.jit
+def _unflat(x, n: tl.constexpr):
+    # inverse of _flat on a [T, 2, ..., 2] tensor: the tuple of its n slots in order
+    if n == 1:
+        return (x,)
+    else:
+        a, b = tl.split(x)
+        ea = _unflat(a, n // 2)
+        eb = _unflat(b, n // 2)
+        out = ()
+        for m in tl.static_range(n):
+            if m % 2 == 0:
+                out = out + (ea[m // 2],)
+            else:
+                out = out + (eb[m // 2],)
+        return out
+
+
+@triton.jit
+def _split_shape(x, T: tl.constexpr, PPT: tl.constexpr):
+    # [T*PPT] -> [T, 2, ..., 2] (log2(PPT) twos), ready for _unflat
+    if PPT == 1:
+        return x
+    elif PPT == 2:
+        return tl.reshape(x, (T, 2))
+    elif PPT == 4:
+        return tl.reshape(x, (T, 2, 2))
+    else:
+        return tl.reshape(x, (T, 2, 2, 2))
+
+
+@triton.jit
+def _bytes(img_ptr, s, t, need, NEED: tl.constexpr, N: tl.constexpr, PPT: tl.constexpr, T: tl.constexpr,
+           HW: tl.constexpr, WIDE_LOADS: tl.constexpr):
+    # image s's pixels PPT*t .. PPT*t+PPT-1: tuple of 3*PPT [T] int32 bytes, (q, c) order;
+    # with NEED, a scalar `need` False skips the reads (bytes then 0)
+    base = img_ptr + s.to(tl.int64) * N
+    if T * PPT != HW:
+        live = t * PPT < HW
+    else:
+        live = t >= 0
+    if NEED:
+        live = tl.where(need, live, t < 0)
+    MASKED: tl.constexpr = NEED or T * PPT != HW
+    raw = ()
+    if WIDE_LOADS:  # PPT = 8: 24 bytes per thread as three aligned 8-byte loads
+        wp = base.to(tl.pointer_type(tl.uint64)) + 3 * t
+        if MASKED:
+            w0 = tl.load(wp, mask=live, other=0)
+            w1 = tl.load(wp + 1, mask=live, other=0)
+            w2 = tl.load(wp + 2, mask=live, other=0)
+        else:
+            w0 = tl.load(wp)
+            w1 = tl.load(wp + 1)
+            w2 = tl.load(wp + 2)
+        # as six 32-bit words: a byte is then one byte-select of a 32-bit register
+        words = (w0.to(tl.uint32), (w0 >> 32).to(tl.uint32), w1.to(tl.uint32), (w1 >> 32).to(tl.uint32),
+                 w2.to(tl.uint32), (w2 >> 32).to(tl.uint32))
+        for b in tl.static_range(3 * PPT):
+            raw = raw + (((words[b // 4] >> (8 * (b % 4))) & 255).to(tl.int32),)
+    else:
+        for b in tl.static_range(3 * PPT):
+            if MASKED:
+                v = tl.load(base + 3 * PPT * t + b, mask=live, other=0)
+            else:
+                v = tl.load(base + 3 * PPT * t + b)
+            raw = raw + (v.to(tl.int32),)
+    return raw
+
+
+@triton.jit
+def _pixels(img_ptr, s, t, need, NEED: tl.constexpr, N: tl.constexpr, PPT: tl.constexpr, T: tl.constexpr,
+            HW: tl.constexpr, WIDE_LOADS: tl.constexpr):
+    # image s's pixels of this thread as flat [T*PPT] uint32 (r | g << 8 | b << 16)
+    raw = _bytes(img_ptr, s, t, need, NEED, N, PPT, T, HW, WIDE_LOADS)
+    px = ()
+    for q in tl.static_range(PPT):
+        px = px + ((raw[3 * q] | (raw[3 * q + 1] << 8) | (raw[3 * q + 2] << 16)).to(tl.uint32, bitcast=True),)
+    return _flat(px, 0, PPT, T)
+
+
+@triton.jit
+def _norm_px(px, c: tl.constexpr, mean0, mean1, mean2, inv0, inv1, inv2):
+    # channel c of packed pixels, normalised in float32
+    v = ((px >> (8 * c)) & 255).to(tl.float32)
+    if c == 0:
+        return (v - mean0) * inv0
+    elif c == 1:
+        return (v - mean1) * inv1
+    else:
+        return (v - mean2) * inv2
+
+
+@triton.jit
+def _gather(src, idx, PPT: tl.constexpr, T: tl.constexpr):
+    # src at the flat index of every pixel slot: tuple of PPT [T] values
+    return _unflat(_split_shape(tl.gather(src, _flat(idx, 0, PPT, T), 0), T, PPT), PPT)
+
+
+@triton.jit
+def _columns(y, x0, oy, ox, fl, pad, H: tl.constexpr, W: tl.constexpr, PPT: tl.constexpr):
+    # base view (pad, crop, flip) of one source for a thread's pixels (y, x0+q), q < PPT:
+    # (a, d, row) with source column a + d*q (valid iff 0 <= it < W) and row offset row
+    sy = y + oy - pad
+    d = tl.where(fl, -1, 1)
+    a = tl.where(fl, (W - 1) - x0, x0) + ox - pad
+    a = tl.where((sy >= 0) & (sy < H), a, W + PPT)  # a row in the padding: no column is valid
+    return a, d, sy * W
 
 
 @triton.jit
 def _cutnmix_kernel(
     img_ptr,  # uint8 [B,H,W,3] contiguous
-    out_ptr,  # out dtype [P,B,H,W,3] contiguous
+    out_ptr,  # out dtype [P,B,H,W,3] (peers layout) or [B,H,W,P,3] (grouped layout), contiguous
     oy_ptr,
     ox_ptr,
     flip_ptr,  # int64, int64, bool [P,B]
@@ -57,76 +180,148 @@ def _cutnmix_kernel(
     P: tl.constexpr,
     H: tl.constexpr,
     W: tl.constexpr,
-    N: tl.constexpr,  # N = H*W*3
-    BLOCK: tl.constexpr,
+    PPT: tl.constexpr,  # pixels per thread: a power of two dividing W (8 at 32x32)
+    T: tl.constexpr,  # threads' runs: next power of two >= H*W/PPT
     BOX: tl.constexpr,
     BLEND: tl.constexpr,
-    WIDE: tl.constexpr,  # 64-bit offsets (only for batches of more than 2**31 output values)
+    GROUPED: tl.constexpr,  # write [B,H,W,P,3] (the grouped network's channels-last input)
+    WIDE_LOADS: tl.constexpr,  # PPT == 8 (every thread's 24 source bytes are 8-byte aligned)
 ):
+    HW: tl.constexpr = H * W
+    N: tl.constexpr = H * W * 3
     i = tl.program_id(0)  # this program's sample
-    if WIDE:
-        i = i.to(tl.int64)
-    ity = i.dtype
-    j = tl.load(perm_ptr + i).to(ity)  # its partner
+    j = tl.load(perm_ptr + i).to(tl.int32)  # its partner
+    t = tl.arange(0, T)
+    p0 = t * PPT  # first pixel of this thread's run (one row: PPT divides W)
+    y = p0 // W  # W constexpr: a shift at 32x32, once per thread
+    x0 = p0 % W
+    odt = out_ptr.dtype.element_ty
     if BOX:
         bh = tl.load(bh_ptr + i).to(tl.int32)
         bw = tl.load(bw_ptr + i).to(tl.int32)
+        need_par = (bh > 0) & (bw > 0)
+    else:
+        need_par = BLEND
+    TWO: tl.constexpr = BOX or BLEND
+    # the gather moves raw pixels (one uint32 each, 0 = the zero padding), normalised after it:
+    # few registers live across the peers (staging normalised values measured 14.4 instead of
+    # 12.5 SASS instructions per output and 63 instead of 48 registers, box bf16 on sm_90a)
+    src = _pixels(img_ptr, i, t, True, False, N, PPT, T, HW, WIDE_LOADS)
+    if TWO:
+        src = tl.reshape(tl.join(src, _pixels(img_ptr, j, t, need_par, BOX, N, PPT, T, HW, WIDE_LOADS)),
+                         (2 * T * PPT,))
     if BLEND:
         lam_a = tl.load(lam_ptr + i)
         lam_b = 1.0 - lam_a
-    for t in tl.static_range(0, (N + BLOCK - 1) // BLOCK):
-        # flat (y, x, c) index inside one [H,W,3] view: H, W constexpr, so // and % are
-        # multiply-shifts; computed once per chunk and shared by the P peers
-        e = t * BLOCK + tl.arange(0, BLOCK)
-        live = e < N
-        y = e // (W * 3)
-        x = (e // 3) % W
-        c = e % 3
-        mean = tl.where(c == 0, mean0, tl.where(c == 1, mean1, mean2))
-        inv = tl.where(c == 0, inv0, tl.where(c == 1, inv1, inv2))
-        xf = (W - 1) - x  # column of the flipped crop
-        for k in tl.static_range(P):
-            kb = k * B
-            oy_i = tl.load(oy_ptr + kb + i).to(tl.int32)
-            ox_i = tl.load(ox_ptr + kb + i).to(tl.int32)
-            fl_i = tl.load(flip_ptr + kb + i) != 0
-            oy_j = tl.load(oy_ptr + kb + j).to(tl.int32)
-            ox_j = tl.load(ox_ptr + kb + j).to(tl.int32)
-            fl_j = tl.load(flip_ptr + kb + j) != 0
+    if T * PPT != HW:
+        live = p0 < HW
+    allv = ()
+    for k in tl.static_range(P):
+        kb = k * B
+        a_i, d_i, row_i = _columns(y, x0, tl.load(oy_ptr + kb + i).to(tl.int32),
+                                   tl.load(ox_ptr + kb + i).to(tl.int32),
+                                   tl.load(flip_ptr + kb + i) != 0, pad, H, W, PPT)
+        if TWO:
+            a_j, d_j, row_j = _columns(y, x0, tl.load(oy_ptr + kb + j).to(tl.int32),
+                                       tl.load(ox_ptr + kb + j).to(tl.int32),
+                                       tl.load(flip_ptr + kb + j) != 0, pad, H, W, PPT)
+        if BOX:
+            by = tl.load(by_ptr + kb + i).to(tl.int32)
+            bx = tl.load(bx_ptr + kb + i).to(tl.int32)
+            bw_row = tl.where((y >= by) & (y < by + bh), bw, 0)  # box width on this row
+            xb = x0 - bx
+        # flat gather index of slot q: c + e*q (own pixel p at 2p, partner's at 2p+1 when TWO)
+        if TWO:
+            c_i = 2 * (row_i + a_i)
+            e_i = 2 * d_i
+            c_j = 2 * (row_j + a_j) + 1
+            e_j = 2 * d_j
+        else:
+            c_i = row_i + a_i
+            e_i = d_i
+        idx = ()
+        ok = ()
+        idx_b = ()
+        ok_b = ()
+        for q in tl.static_range(PPT):
+            ok_q = (a_i + d_i * q).to(tl.uint32, bitcast=True) < W
+            ix = c_i + e_i * q
+            if BOX or BLEND:
+                okj = (a_j + d_j * q).to(tl.uint32, bitcast=True) < W
+                ixj = c_j + e_j * q
+            if BOX:
+                inb = (xb + q).to(tl.uint32, bitcast=True) < bw_row.to(tl.uint32, bitcast=True)
+                ix = tl.where(inb, ixj, ix)
+                ok_q = tl.where(inb, okj, ok_q)
             if BLEND:
-                # own and partner base views, blended in float32 after normalising
-                sy = y + oy_i - pad
-                sx = tl.where(fl_i, xf, x) + ox_i - pad
-                ok = live & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
-                pa = tl.load(img_ptr + i * N + ((sy * W + sx) * 3 + c), mask=ok, other=0)
-                sy = y + oy_j - pad
-                sx = tl.where(fl_j, xf, x) + ox_j - pad
-                ok = live & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
-                pb = tl.load(img_ptr + j * N + ((sy * W + sx) * 3 + c), mask=ok, other=0)
-                na = (pa.to(tl.float32) - mean) * inv
-                nb = (pb.to(tl.float32) - mean) * inv
-                v = lam_a * na + lam_b * nb
-            else:
-                if BOX:
-                    by = tl.load(by_ptr + kb + i).to(tl.int32)
-                    bx = tl.load(bx_ptr + kb + i).to(tl.int32)
-                    inb = (y >= by) & (y < by + bh) & (x >= bx) & (x < bx + bw)
-                    s = tl.where(inb, j, i)  # whose base view this pixel shows
-                    oy = tl.where(inb, oy_j, oy_i)
-                    ox = tl.where(inb, ox_j, ox_i)
-                    fl = tl.where(inb, fl_j, fl_i)
+                idx_b = idx_b + (tl.where(okj, ixj, 0),)
+                ok_b = ok_b + (okj,)
+            idx = idx + (tl.where(ok_q, ix, 0),)
+            ok = ok + (ok_q,)
+        vals = ()
+        ga = _gather(src, idx, PPT, T)
+        if BLEND:
+            gb = _gather(src, idx_b, PPT, T)
+        for q in tl.static_range(PPT):
+            pa = tl.where(ok[q], ga[q], 0)
+            if BLEND:
+                pb = tl.where(ok_b[q], gb[q], 0)
+            for c in tl.static_range(3):
+                v = _norm_px(pa, c, mean0, mean1, mean2, inv0, inv1, inv2)
+                if BLEND:  # mixup: blend normalised float32 values, round once
+                    v = lam_a * v + lam_b * _norm_px(pb, c, mean0, mean1, mean2, inv0, inv1, inv2)
+                vals = vals + (v.to(odt),)
+        if GROUPED:
+            for e in tl.static_range(3 * PPT):
+                allv = allv + (vals[e],)
+        else:
+            # this thread's 3*PPT contiguous outputs of view k: three runs of PPT (16 bytes in bf16)
+            dst = out_ptr + (kb + i).to(tl.int64) * N + 3 * PPT * t
+            for r in tl.static_range(3):
+                if PPT > 1:
+                    ptrs = tl.reshape(dst[:, None] + (r * PPT + tl.arange(0, PPT))[None, :], (T * PPT,))
                 else:
-                    s = i
-                    oy = oy_i
-                    ox = ox_i
-                    fl = fl_i
-                sy = y + oy - pad  # pad, crop, then flip (crop coordinates mirrored)
-                sx = tl.where(fl, xf, x) + ox - pad
-                ok = live & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)  # else zero padding
-                p = tl.load(img_ptr + s * N + ((sy * W + sx) * 3 + c), mask=ok, other=0)
-                v = (p.to(tl.float32) - mean) * inv
-            # contiguous, 16-byte aligned run of BLOCK outputs: coalesced vector stores
-            tl.store(out_ptr + (kb + i) * N + e, v.to(out_ptr.dtype.element_ty), mask=live)
+                    ptrs = dst + r
+                if T * PPT != HW:
+                    tl.store(ptrs, _flat(vals, r * PPT, PPT, T), mask=_flat_mask(live, PPT, T))
+                else:
+                    tl.store(ptrs, _flat(vals, r * PPT, PPT, T))
+    if GROUPED:
+        # [B,H,W,P,3]: the thread's PPT pixels x P peers x 3 channels are contiguous; allv is
+        # ordered (k, q, c): regroup to (q, k, c) and write 3*P runs of PPT
+        ordered = ()
+        for e in tl.static_range(3 * P * PPT):  # e = (q*P + k)*3 + c  ->  (k*PPT + q)*3 + c
+            ordered = ordered + (allv[((e % (3 * P)) // 3) * 3 * PPT + 3 * (e // (3 * P)) + e % 3],)
+        dst = out_ptr + i.to(tl.int64) * (N * P) + 3 * P * PPT * t
+        for r in tl.static_range(3 * P):
+            if PPT > 1:
+                ptrs = tl.reshape(dst[:, None] + (r * PPT + tl.arange(0, PPT))[None, :], (T * PPT,))
+            else:
+                ptrs = dst + r
+            if T * PPT != HW:
+                tl.store(ptrs, _flat(ordered, r * PPT, PPT, T), mask=_flat_mask(live, PPT, T))
+            else:
+                tl.store(ptrs, _flat(ordered, r * PPT, PPT, T))
+
+
+@triton.jit
+def _flat_mask(live, PPT: tl.constexpr, T: tl.constexpr):
+    if PPT == 1:
+        return live
+    else:
+        return tl.reshape(tl.broadcast_to(live[:, None], (T, PPT)), (T * PPT,))
+
+
+def pixels_per_thread(width: int) -> int:
+    """The kernel's run of pixels per thread: the largest power of two <= 8 dividing W."""
+    return math.gcd(int(width), 8)
+
+
+def launch_config(height: int, width: int) -> dict:
+    """Shape-derived constexprs and warps of the kernel for H x W images."""
+    ppt = pixels_per_thread(width)
+    runs = triton.next_power_of_2(max(1, height * width // ppt))
+    return {"PPT": ppt, "T": runs, "WIDE_LOADS": ppt == 8, "num_warps": max(1, min(8, runs // 32))}
 
 
 def triton_cutnmix_views(
@@ -135,21 +330,26 @@ def triton_cutnmix_views(
     mean32: np.ndarray,
     inv_std32: np.ndarray,
     out_dtype: torch.dtype,
-    wide: bool | None = None,
+    layout: str = "peers",
 ) -> torch.Tensor:
-    """images uint8 [B,H,W,3] -> views [P,B,3,H,W] out_dtype (each views[k] channels-last).
+    """images uint8 [B,H,W,3] -> views [P,B,3,H,W] out_dtype (each views[k] channels-last), or
+    with layout="grouped" [B,P*3,H,W] channels-last (peer k's channels at 3k:3k+3, the input of
+    the grouped network: `trainer.peers.views_to_grouped_input(views)` without the copy).
 
-    One kernel launch, grid (B,); no host synchronisation. Offsets are 32-bit unless the output
-    has 2**31 values or more (`wide`=True forces the 64-bit variant, for tests).
+    One kernel launch, grid (B,); no host synchronisation; 64-bit base offsets.
     """
     b, h, w, _ = images.shape
     P = params.peers
-    out = torch.empty((P, b, h, w, 3), dtype=out_dtype, device=images.device)
+    grouped = layout == "grouped"
+    shape = (b, h, w, P, 3) if grouped else (P, b, h, w, 3)
+    out = torch.empty(shape, dtype=out_dtype, device=images.device)
     m = [float(v) for v in mean32]  # float32 values, exactly representable: passed as fp32
     s = [float(v) for v in inv_std32]
-    n = h * w * 3
+    images = images.contiguous()
+    cfg = launch_config(h, w)
+    cfg["WIDE_LOADS"] = cfg["WIDE_LOADS"] and images.data_ptr() % 8 == 0  # a view may start anywhere
     _cutnmix_kernel[(b,)](
-        images.contiguous(),
+        images,
         out,
         # the params are tiny and already contiguous: pass them as they are (no extra kernels)
         params.offset_y.contiguous(),
@@ -172,12 +372,12 @@ def triton_cutnmix_views(
         P=P,
         H=h,
         W=w,
-        N=n,
-        BLOCK=BLOCK,
         BOX=params.mode in BOX_MODES,
         BLEND=params.mode == "mixup",
-        WIDE=bool(wide) if wide is not None else out.numel() >= 2**31 - BLOCK,
-        num_warps=4,
+        GROUPED=grouped,
         enable_fp_fusion=False,  # no FMA: the mixup blend must round like torch
+        **cfg,
     )
+    if grouped:
+        return out.view(b, h, w, P * 3).permute(0, 3, 1, 2)
     return out.permute(0, 1, 4, 2, 3)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pipeline import backends
-from pipeline.ops import MODES, cutnmix, draw_params, make_params, numba_impl
+from pipeline.errors import CnmError
+from pipeline.ops import MODES, cutnmix, draw_params, grouped_layout, make_params, numba_impl
 from pipeline.ops.numpy_baseline import numpy_cutnmix
 from tests.pipeline.ops._util import MEAN, STD, assert_views_equal, images, interpreter_only
 
@@ -59,7 +60,7 @@ def check_triton(imgs, labels, params, dtype, ref):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("peers", [1, 2, 3, 5])
+@pytest.mark.parametrize("peers", [1, 2, 3, 4, 5])
 def test_all_impls_equal_reference_fp32(mode, peers):
     b, h, w = 5, 6, 7  # odd batch, non-square
     g = torch.Generator().manual_seed(100 + peers)
@@ -262,7 +263,7 @@ def test_triton_interpreter_on_cifar_size_all_modes():
 
 def test_params_with_other_mode_change_only_the_mixing():
     """Same draws in every mode: replacing the mode keeps the base views (draw order contract)."""
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(3)
     p_mix = draw_params(6, 2, 8, 8, mode="cutnmix", mix_prob=1.0, generator=g())
     p_none = draw_params(6, 2, 8, 8, mode="none", generator=g())
     for f in ("offset_y", "offset_x", "flip"):
@@ -273,16 +274,57 @@ def test_params_with_other_mode_change_only_the_mixing():
 
 
 @interpreter_only
+@pytest.mark.parametrize("hw", [(3, 4), (4, 12), (2, 16), (3, 8)])
 @pytest.mark.parametrize("mode", ["cutnmix", "mixup"])
-def test_triton_64bit_offsets_variant(mode):
-    """The kernel's 64-bit offset variant (used for > 2**31 output values) computes the same."""
-    from pipeline.ops.params import norm_constants
-    from pipeline.ops.triton_impl import triton_cutnmix_views
+def test_triton_every_pixels_per_thread(mode, hw):
+    """The kernel's thread runs of 4 and 8 pixels (W % 4, W % 8), with and without idle threads
+    (H*W/run not a power of two), odd batch, equal the reference in float32 and float16."""
+    from pipeline.ops.triton_impl import launch_config
 
+    h, w = hw
+    assert launch_config(h, w)["PPT"] == (8 if w % 8 == 0 else 4)
     params = draw_params(
-        4, 2, 6, 5, mode=mode, mix_prob=1.0, pad=2, generator=torch.Generator().manual_seed(4)
+        5, 3, h, w, mode=mode, mix_prob=1.0, pad=3, generator=torch.Generator().manual_seed(w)
     )
-    imgs = images(4, 6, 5, seed=4)
-    mean32, inv_std32 = norm_constants(MEAN, STD)
-    wide = triton_cutnmix_views(imgs, params, mean32, inv_std32, torch.float32, wide=True)
-    assert_views_equal(wide, run("reference", imgs, torch.arange(4), params))
+    check_all(images(5, h, w, seed=w), params, torch.float32)
+    check_all(images(5, h, w, seed=w), params, torch.float16)
+
+
+@interpreter_only
+@pytest.mark.parametrize("h", [4, 5])  # every thread busy / idle threads (40 pixels, 8 runs of 8)
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_grouped_layout_equals_converted_views(mode, h):
+    """layout="grouped" (written by the kernel) equals the reference's views converted by
+    `grouped_layout` and by the trainer's `views_to_grouped_input`, and is channels-last."""
+    from trainer.peers import views_to_grouped_input
+
+    b, w, p = 3, 8, 3
+    params = draw_params(b, p, h, w, mode=mode, mix_prob=1.0, pad=2, generator=torch.Generator().manual_seed(6))
+    imgs = images(b, h, w, seed=6)
+    labels = torch.arange(b)
+    ref = run("reference", imgs, labels, params)
+    expected = views_to_grouped_input(ref)
+    assert torch.equal(grouped_layout(ref), expected)
+    for impl in ["triton", "reference", *COMPILED_CPU]:
+        got = cutnmix(imgs, labels, params, mean=MEAN, std=STD, out_dtype=torch.float32, impl=impl, layout="grouped")[0]
+        assert got.shape == (b, p * 3, h, w) and got.is_contiguous(memory_format=torch.channels_last), impl
+        assert_views_equal(got, expected)
+
+
+def test_bad_layout_is_one_line_error():
+    params = make_params(peers=1, batch=2, height=4, width=4)
+    with pytest.raises(CnmError, match="unknown Cut.nMix output layout 'nchw'"):
+        cutnmix(images(2, 4, 4), torch.arange(2), params, layout="nchw")
+
+
+@interpreter_only
+def test_triton_unaligned_images_use_byte_loads():
+    """A contiguous view starting at an odd address (no 8-byte loads possible) gives the same views."""
+    b = 2
+    flat = torch.zeros(b * 32 * 32 * 3 + 1, dtype=torch.uint8)
+    imgs = flat[1:].view(b, 32, 32, 3)
+    imgs.copy_(images(b, 32, 32, seed=8))
+    assert imgs.is_contiguous() and imgs.data_ptr() % 8 != 0
+    params = draw_params(b, 2, 32, 32, mode="cutnmix", mix_prob=1.0, generator=torch.Generator().manual_seed(8))
+    expected = run("numpy", imgs, torch.arange(b), params)
+    assert_views_equal(run("triton", imgs, torch.arange(b), params), expected)
