@@ -50,7 +50,7 @@ STAGES = (
     Stage("op", "Triton == reference, bit-exact, every mode and dtype at B 1, 4097, 65536; "
                 "int64 offsets past 2^31 output elements",
           "Triton interpreter == reference at B 1, 3 (1 ulp for fp16/bf16); torch == reference at B 512; "
-          "the int64-offset kernel forced at B 8", 240, 120),
+          "the kernel's int64 offsets at B 8", 240, 120),
     Stage("op-sweep", "op bandwidth sweep, B 512..262144: GB/s and % of the device's peak",
           "op speed sweep, B 64..128 on the CPU (images/s)", 120, 90),
     Stage("bench", "`cnm bench`, every pipeline available", "`cnm bench` tiny, on the CPU", 180, 90),

@@ -1,4 +1,4 @@
-"""Cut^nMix and its variants as batch ops (docs/design.md#cutnmix).
+"""Cut^nMix and its variants as batch ops (docs/design.md#cutnmix-views).
 
     from pipeline.ops import CutNMix
     aug = CutNMix(peers=3, mode="cutnmix", alpha=1.0, mix_prob=0.5, pad=4, flip=True,

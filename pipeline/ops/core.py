@@ -1,7 +1,7 @@
 """Cut^nMix: the functional core `cutnmix` and the thin `CutNMix` wrapper that draws its params.
 
 Cut^nMix (Shen, Xu, Yang, Li, Guo, "Mixed Sample Augmentation for Online Distillation",
-arXiv 2206.12370; this project's formulation in docs/design.md#cutnmix): every peer gets its
+arXiv 2206.12370; this project's formulation in docs/design.md#cutnmix-views): every peer gets its
 own pad-crop-flip base view of every sample; one partner permutation per batch; per sample a
 box size (from lam ~ Beta(alpha, alpha)) shared by all peers, at a different position for every
 peer, filled with the partner's view of that peer; lam = 1 - box area / image area. Variants:

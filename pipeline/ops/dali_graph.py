@@ -1,6 +1,6 @@
 """Cut^nMix as a DALI graph: the same augmentation from DALI operators, fed drawn parameters.
 
-Same semantics as `pipeline.ops.reference` (docs/design.md#cutnmix; Shen et al.,
+Same semantics as `pipeline.ops.reference` (docs/design.md#cutnmix-views; Shen et al.,
 arXiv 2206.12370 as formulated by this project), so the DALI loader can deliver finished views.
 DALI has no CutMix operator; the graph is, for every peer k:
 

@@ -1,6 +1,6 @@
 """Compiled CPU Cut^nMix (numba): one pass over the output, the fast CPU training path.
 
-Same semantics as `pipeline.ops.reference` (docs/design.md#cutnmix; Shen et al.,
+Same semantics as `pipeline.ops.reference` (docs/design.md#cutnmix-views; Shen et al.,
 arXiv 2206.12370 as formulated by this project). Why it is fast on a CPU where a chain of torch
 ops is not: every torch op is a full pass over memory (~1.5 ns/element on this 2-core box), and
 the torch path needs several; here each output row is written once, as at most three

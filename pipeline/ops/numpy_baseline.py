@@ -1,6 +1,6 @@
 """Cut^nMix the way a competent user writes it without cnm: per sample, in numpy, on the CPU.
 
-This is the CPU-augment baseline of `cnm bench` and of the `cpu` loader (docs/design.md#cutnmix and
+This is the CPU-augment baseline of `cnm bench` and of the `cpu` loader (docs/design.md#cutnmix-views and
 docs/performance.md): pad-crop-flip runs per sample in DataLoader workers (`NumpyCutNMix.sample`),
 then the batch is mixed and normalised on the CPU in the collate function
 (`NumpyCutNMix.collate`). `numpy_cutnmix` is the same code driven by given `CutNMixParams`: a

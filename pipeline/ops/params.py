@@ -1,7 +1,7 @@
-"""Random parameters of Cut^nMix and how they are drawn (docs/design.md#cutnmix).
+"""Random parameters of Cut^nMix and how they are drawn (docs/design.md#cutnmix-views).
 
 Cut^nMix (Shen et al., "Mixed Sample Augmentation for Online Distillation", arXiv 2206.12370,
-as formulated in docs/design.md#cutnmix) turns a uint8 batch into one view per peer. All of
+as formulated in docs/design.md#cutnmix-views) turns a uint8 batch into one view per peer. All of
 its randomness is collected in one `CutNMixParams`; the functional core (`pipeline.ops.cutnmix`, in core.py)
 is a pure function of the images and these parameters, so every implementation (reference,
 vectorised torch, numba, Triton, DALI, per-sample numpy) can be checked against every other.

@@ -1,6 +1,6 @@
 """The reference Cut^nMix: per-pixel, obviously correct Python. The oracle of every test.
 
-Implements the semantics written out in `pipeline.ops.params` (docs/design.md#cutnmix;
+Implements the semantics written out in `pipeline.ops.params` (docs/design.md#cutnmix-views;
 Shen et al., arXiv 2206.12370, as formulated by this project) one output pixel at a time:
 for peer k, sample i, row y, column x
 

@@ -1,6 +1,6 @@
 """Vectorised torch Cut^nMix: no Python loop over samples; the GPU fallback and CPU path.
 
-Same semantics as `pipeline.ops.reference` (docs/design.md#cutnmix; Shen et al.,
+Same semantics as `pipeline.ops.reference` (docs/design.md#cutnmix-views; Shen et al.,
 arXiv 2206.12370 as formulated by this project), computed as ONE gather:
 
 1. Zero-pad the small uint8 source and normalise it once through a [3,256] lookup table

@@ -1,6 +1,6 @@
 """Fused Triton Cut^nMix: one launch turns a uint8 batch into all P normalised peer views.
 
-Same semantics as `pipeline.ops.reference` (docs/design.md#cutnmix; Shen et al., arXiv
+Same semantics as `pipeline.ops.reference` (docs/design.md#cutnmix-views; Shen et al., arXiv
 2206.12370 as formulated by this project). Runs on CUDA tensors, and on CPU tensors under
 `TRITON_INTERPRET=1`. Import it only through `pipeline.ops.cutnmix` (impl="triton"/"auto"),
 which checks that triton is installed first. Offline evidence (registers, SASS instructions per
