@@ -43,7 +43,6 @@ from pipeline.fileio import host_tag, os_error_reason, pid_alive
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SPLITS = ("train", "test")
 IMAGE_SHAPE = (32, 32, 3)
 
 
