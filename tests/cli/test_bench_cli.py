@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from cnm.cli import main
+from pipeline import backends
 
 
 def run_cli(argv, capsys):
@@ -23,8 +24,6 @@ TINY = ["--device", "cpu", "--batch-size", "8", "--peers", "2", "--repeats", "1"
 
 def test_bench_json_and_save(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ffcv", None)  # the ffcv row: unavailable, and no .beton to write
-    from pipeline import backends
-
     backends.reset_cache()
     try:
         out_json = tmp_path / "b.json"
