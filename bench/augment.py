@@ -38,7 +38,6 @@ from pipeline.ops import MODES, CutNMix, resolve_impl
 
 REGISTRY = harness.Registry("pipeline")
 BASELINE = "cpu"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 
@@ -192,7 +191,7 @@ class AugmentConfig:
     batch_size: int = option(512, "images per batch")
     mode: str = option("cutnmix", "mixing mode of the op", MODES)
     dtype: str = option("auto", "dtype of the views (auto: bf16 on CUDA, fp32 on CPU)",
-                        ("auto", *DTYPES))
+                        ("auto", *harness.DTYPES))
     pipelines: tuple[str, ...] = option(PIPELINES, "comma list of pipelines to time, in order",
                                         PIPELINES, multiple=True)
     repeats: int = option(5, "timed regions per pipeline")
@@ -233,12 +232,6 @@ class AugmentConfig:
 
 
 # ----------------------------------------------------------------------------- data & device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 @contextlib.contextmanager
@@ -334,7 +327,7 @@ def context_for(cfg: AugmentConfig, data_dir: Path) -> Context:
     device = harness.resolve_device(cfg.device)
     manifest = load_manifest(data_dir)
     return Context(config=cfg, device=device, data_dir=Path(data_dir),
-                   out_dtype=resolve_dtype(cfg.dtype, device),
+                   out_dtype=harness.resolve_dtype(cfg.dtype, device),
                    mean=tuple(manifest.mean), std=tuple(manifest.std))
 
 
@@ -373,7 +366,7 @@ def run_augment_bench(cfg: AugmentConfig, *, builders: dict[str, Builder] | None
     builders = BUILDERS if builders is None else builders
     say = progress or (lambda msg: None)
     device = harness.resolve_device(cfg.device)
-    out_dtype = resolve_dtype(cfg.dtype, device)
+    out_dtype = harness.resolve_dtype(cfg.dtype, device)
     env = run_environment(device)  # before the run: its date and load average are the start's
     # the `op` row's reference: --peak-gbps, else on CUDA the datasheet or the measured copy
     # bandwidth of an unknown GPU; a CPU has none (its DRAM bandwidth is the board's)

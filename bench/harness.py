@@ -33,6 +33,7 @@ import torch
 from bench import stats
 from pipeline.errors import CnmError
 from pipeline.loaders.base import resolve_device as _resolve_device
+from pipeline.ops.params import OUT_DTYPES
 
 Clock = Callable[[], float]
 
@@ -138,6 +139,17 @@ def resolve_device(device: str) -> torch.device:
         return _resolve_device(device)
     except CnmError as e:
         raise CnmError(f"--device: {e}") from None
+
+
+# --dtype of the views: the short names of pipeline.ops' dtypes that the benchmarks offer
+DTYPES = {name: OUT_DTYPES[name] for name in ("bf16", "fp16", "fp32")}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: auto -> bf16 on CUDA, fp32 elsewhere; else DTYPES[name]."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
 
 
 # ----------------------------------------------------------------------------- rows

@@ -59,19 +59,11 @@ def configurations(device: str, augment: bool, workers: int | None):
     out = [("resident", "resident", {}), ("cpu", "cpu", {"num_workers": workers})]
     if backends.available("nvidia.dali"):
         out.append(("dali", "dali", {}))
-        if augment and _has_native_graph():
+        if augment:
             out.append(("dali native", "dali", {"native_augment": True}))
     if backends.available("ffcv"):
         out.append(("ffcv", "ffcv", {}))
     return out
-
-
-def _has_native_graph() -> bool:
-    try:
-        import pipeline.ops.dali_graph  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def epoch_timer(device: torch.device):

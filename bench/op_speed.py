@@ -32,10 +32,10 @@ from bench.harness import Workload, option
 from pipeline.environment import load_average, run_environment
 from pipeline.errors import CnmError
 from pipeline.ops import CIFAR10_MEAN, CIFAR10_STD, MODES, CutNMix, cutnmix, draw_params, resolve_impl
+from pipeline.ops import IMPLS as OP_IMPLS
 from pipeline.ops.numpy_baseline import numpy_cutnmix
 
-IMPLS = ("auto", "torch", "numba", "triton", "numpy")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IMPLS = (*(i for i in OP_IMPLS if i != "reference"), "numpy")  # the op's, and the numpy baseline
 SWEEP = {"cuda": (512, 262144), "cpu": (64, 1024)}
 UNIT = ("images/s: samples per second with all P views written (back-to-back calls); "
         "GB/s: bytes per call (source + partner box reads + views) / seconds per call")
@@ -48,7 +48,7 @@ class OpSpeedConfig:
     device: str = option("auto", "auto | cuda | cuda:N | cpu")
     peers: int = option(3, "views per sample (P)")
     mode: str = option("cutnmix", "mixing mode", MODES)
-    dtype: str = option("auto", "dtype of the views (auto: bf16 on CUDA, fp32 on CPU)", ("auto", *DTYPES))
+    dtype: str = option("auto", "dtype of the views (auto: bf16 on CUDA, fp32 on CPU)", ("auto", *harness.DTYPES))
     impls: tuple[str, ...] = option(("auto", "torch"), "comma list of implementations to time "
                                     "(numpy: the per-sample reference, CPU only)", IMPLS, multiple=True)
     batch_size: int = option(512, "B without --sweep")
@@ -164,8 +164,7 @@ def run_op_bench(cfg: OpSpeedConfig, *, progress=None, clock: harness.Clock = ti
     cfg.validate()
     say = progress or (lambda msg: None)
     device = harness.resolve_device(cfg.device)
-    out_dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    out_dtype = harness.resolve_dtype(cfg.dtype, device)
     env = run_environment(device)
     batches = cfg.batches(device)
     say(f"reference peak of {env['device_name']}")

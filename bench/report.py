@@ -22,7 +22,6 @@ import datetime as _dt
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,35 +29,14 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline import backends
 from pipeline.errors import CnmError
+from pipeline.fileio import atomic_output, atomic_write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], what: str = "write") -> Path:
-    """`write(tmp)` to a temporary sibling of `path`, then rename it over `path`: never a
-    half-written file. An OSError is one CnmError line naming `path` (`what` says what failed)."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=parent)
-        os.close(fd)
-    except OSError as e:
-        raise CnmError(f"{path}: cannot {what} ({e.strerror or e})") from None
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise CnmError(f"{path}: {what} failed ({e.strerror or e}); nothing was written") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def to_json(doc: dict) -> str:
@@ -67,7 +45,7 @@ def to_json(doc: dict) -> str:
 
 def write_json(doc: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
-    atomic_write(path, lambda tmp: tmp.write_text(to_json(doc)))
+    atomic_write_text(path, to_json(doc))
     return path
 
 
@@ -255,46 +233,19 @@ def table(doc: dict):
     return t
 
 
-def markdown_table(doc: dict) -> str:
-    """The results as a GitHub Markdown table (for the README): the table's columns but notes
-    and memory (augment: memory kept, notes left out; train: ms/step and ratio only)."""
-    view = VIEWS[doc.get("bench", "augment")]
-    keep = {"augment": ("images/s (median)", "min-max", "x cpu", "host MB", "device MB"),
-            "train": ("images/s (median)", "min-max", "ms/step", "x eager")}[doc.get("bench", "augment")]
-    headers = {"min-max": "min–max", "x cpu": "× cpu", "x eager": "× eager",
-               "host MB": "peak host MB", "device MB": "peak device MB"}
-    cols = [c for c in view.columns if c.header in keep]
-    lines = ["| " + " | ".join([view.key] + [headers.get(c.header, c.header) for c in cols]) + " |",
-             "|---|" + "--:|" * len(cols)]
-    for r in doc["results"]:
-        name = r.get(view.key, r["pipeline"])
-        if not r["available"]:
-            lines.append(f"| {name} | unavailable: {r.get('reason', '')} |" + " |" * (len(cols) - 1))
-            continue
-        cells = [c.cell(r).replace("-", "–") if c.header == "min-max" else c.cell(r) for c in cols]
-        cells = [x[:-1] + "×" if x.endswith("x") and x[:-1].replace(".", "").isdigit() else x for x in cells]
-        lines.append("| " + " | ".join([name, *cells]) + " |")
-    return "\n".join(lines) + "\n"
-
-
 # ----------------------------------------------------------------------------- plot
 
 
-def require_matplotlib():
-    """matplotlib.pyplot with the Agg back-end, or a one-line CnmError naming the `plot` extra."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        raise CnmError("--plot needs matplotlib: pip install 'cnm[plot]'") from None
-    return plt
+def require_matplotlib() -> None:
+    """A one-line CnmError naming the `plot` extra when matplotlib is missing (call before a run)."""
+    backends.require("matplotlib", "--plot")
 
 
 def plot(doc: dict, path: str | os.PathLike) -> Path:
     """Median images/s per row (log scale, min-max whiskers, the baseline dashed) to a PNG."""
-    plt = require_matplotlib()
+    require_matplotlib()
+    from matplotlib.figure import Figure  # optional back-end, checked through pipeline.backends
+
     rows = [r for r in doc["results"] if r["available"]]
     if not rows:
         raise CnmError("--plot: no pipeline was available, nothing to draw")
@@ -303,7 +254,8 @@ def plot(doc: dict, path: str | os.PathLike) -> Path:
     med = [r["images_per_s"]["median"] for r in rows]
     lo = [m - r["images_per_s"]["min"] for m, r in zip(med, rows)]
     hi = [r["images_per_s"]["max"] - m for m, r in zip(med, rows)]
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.6))
+    fig = Figure(figsize=(8, 0.5 * len(rows) + 1.6))
+    ax = fig.subplots()
     ys = list(range(len(rows)))
     ax.errorbar(med, ys, xerr=[lo, hi], fmt="o", color="tab:blue", ecolor="tab:gray", capsize=3)
     ax.set_yticks(ys, names)
@@ -327,8 +279,7 @@ def plot(doc: dict, path: str | os.PathLike) -> Path:
         label = f"{m:,.0f}" + (f"  ({ratio:.1f}x)" if ratio is not None else "")
         ax.text(r["images_per_s"]["max"] * 1.15, y, label, va="center", fontsize=8)
     fig.tight_layout()
-    try:
-        path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), "write the plot")
-    finally:
-        plt.close(fig)
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     return path

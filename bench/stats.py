@@ -17,6 +17,8 @@ import math
 import statistics
 from collections.abc import Iterable, Sequence
 
+from pipeline.choices import BOX_MODES
+
 
 def summarize(values: Iterable[float]) -> dict[str, float]:
     """{"min", "median", "max"} of a non-empty sequence of numbers."""
@@ -75,7 +77,7 @@ def partner_pixels(mode: str, box_areas: Sequence[int], mixed: int, peers: int, 
     (box_areas: box_h*box_w per sample, 0 where not mixed); mixup: every view of a mixed sample
     blends the whole partner image (`mixed` samples); none: nothing.
     """
-    if mode in ("cutnmix", "cutmix"):
+    if mode in BOX_MODES:
         return peers * int(sum(box_areas))
     if mode == "mixup":
         return peers * int(mixed) * height * width

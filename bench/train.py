@@ -86,11 +86,6 @@ def _grouped(device: torch.device) -> Variant:
 VARIANT_NAMES = REGISTRY.names()
 
 
-def variants_for(device: torch.device) -> list[Variant]:
-    """The variants with the settings they have on `device` (see the module docstring)."""
-    return [REGISTRY[name].build(device) for name in VARIANT_NAMES]
-
-
 def variant_for(name: str, device: torch.device) -> Variant:
     return REGISTRY[name].build(device)
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import sys
 
 import click
+from rich.console import Console
+
+from pipeline.errors import CnmError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,8 +25,7 @@ def report(runs, plot_path, as_json, as_csv):
     cnm report runs/mix-* --plot curves.png
     cnm report runs/a runs/b --csv > ablation.csv
     """
-    from pipeline.errors import CnmError
-    from trainer import report as rep
+    from trainer import report as rep  # lazy: it loads torch, and `cnm --help` imports this module
 
     if as_json and as_csv:
         raise CnmError("--json and --csv: choose one")
@@ -35,8 +37,6 @@ def report(runs, plot_path, as_json, as_csv):
     elif as_csv:
         click.echo(rep.to_csv(loaded), nl=False)
     else:
-        from rich.console import Console
-
         # piped output keeps whole lines (no wrapping at 80 columns)
         Console(width=None if sys.stdout.isatty() else 10_000).print(rep.render_table(loaded))
     if plot_path:

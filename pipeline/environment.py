@@ -3,8 +3,9 @@
 `describe()` is what `cnm info` prints; `run_environment(device)` is `describe()` plus the flat
 keys every `cnm bench` result stores (date, device name, load average, threading variables; see
 bench/report.py for the schema). Neither raises: a back-end that is missing or fails to import is
-reported as such (probed through `pipeline.backends`, which swallows import errors). torch is
-imported inside the functions so that `cnm info` still reports a broken torch install.
+reported as such (probed through `pipeline.backends`, which swallows import errors). A torch
+that fails to import is reported too (`cnm info` exists to diagnose a broken install), so its
+import here is guarded; `device_name` and `run_environment` (benchmarks) need a working torch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ import sys
 from pathlib import Path
 
 from pipeline import backends
+
+try:
+    import torch
+except Exception as _e:  # noqa: BLE001 - a broken torch must not stop `cnm info` reporting it
+    torch = None
+    TORCH_ERROR: str | None = f"{_e.__class__.__name__}: {str(_e).splitlines()[0] if str(_e) else ''}"
+else:
+    TORCH_ERROR = None
 
 LOADERS = ("ffcv", "dali", "resident", "cpu")
 KERNELS = ("triton", "torch", "reference")
@@ -91,9 +100,10 @@ def cuda_info() -> dict:
     "capability": "9.0" | None, "bf16": bool}; "error" when torch itself cannot be imported."""
     info = {"available": False, "torch_cuda": None, "device_count": 0, "devices": [], "device": None,
             "capability": None, "bf16": False}
+    if torch is None:
+        info["error"] = TORCH_ERROR
+        return info
     try:
-        import torch
-
         info["torch_cuda"] = torch.version.cuda
         if torch.cuda.is_available():
             n = torch.cuda.device_count()
@@ -169,12 +179,8 @@ def describe(import_backends: bool = True) -> dict:
     packages = {}
     for shown, (dist, _imp) in PACKAGES.items():
         packages[shown] = _dist_version(dist)
-    try:
-        import torch
-
+    if torch is not None:  # a broken torch keeps its metadata version
         packages["torch"] = torch.__version__  # the local build tag (+cpu, +cu124)
-    except Exception:  # noqa: BLE001, S110 - a broken torch keeps its metadata version
-        pass
     out["packages"] = packages
     cuda = cuda_info()
     out["cuda"] = cuda
@@ -195,8 +201,6 @@ THREADING_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "NUMB
 
 def device_name(device) -> str:
     """The name of a torch device: the GPU's (torch.cuda.get_device_name), or the CPU model."""
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -209,8 +213,6 @@ def run_environment(device) -> dict:
     device_capability (CUDA), cpu_model, cpu_count, load_average (at the call), python,
     platform, torch, cuda, ffcv, dali, triton, numba, threading_env, git_commit, git_dirty.
     The flat keys win over `describe()`'s where both have one."""
-    import torch
-
     device = torch.device(device)
     env = describe()
     git = env.get("git") or {}

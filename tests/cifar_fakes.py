@@ -26,11 +26,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import os
+import pickle
 import socket
 import struct
 import tarfile
 import threading
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -137,15 +140,11 @@ class _RunsCode:
         self.marker = marker
 
     def __reduce__(self):
-        import os
-
         return (os.system, (f"touch {self.marker}",))
 
 
 def malicious_pickle(marker: str | Path) -> bytes:
     """A pickle that, when loaded by `pickle.load`, runs `touch MARKER` through os.system."""
-    import pickle
-
     return pickle.dumps({"data": _RunsCode(str(marker))}, protocol=2)
 
 
@@ -288,8 +287,6 @@ def http_server(routes: dict, *, lifetime_s: float = 120.0):
     len(body) bytes, sends the first n, then closes the connection)}. `hits` counts GETs per path.
     The server shuts itself down after `lifetime_s` even if the caller hangs.
     """
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     hits: collections.Counter = collections.Counter()
 
     class Handler(BaseHTTPRequestHandler):

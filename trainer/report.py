@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.table import Table
+
 from pipeline import backends
 from pipeline.errors import CnmError
 from trainer.checkpoint import CONFIG, METRICS, read_jsonl
@@ -193,8 +195,6 @@ def table_rows(runs: list[Run]) -> list[tuple[str, list[str]]]:
 
 def render_table(runs: list[Run]):
     """A rich Table: one column per run (report order), one line per table_rows entry."""
-    from rich.table import Table
-
     t = Table(title=f"{len(runs)} run(s), sorted by final peer-ensemble test accuracy (%)", title_justify="left")
     t.add_column("", style="bold", no_wrap=True)
     for r in runs:

@@ -30,6 +30,11 @@ from typing import IO
 
 import numpy as np
 
+try:  # numpy >= 2
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct
+
 from pipeline.errors import CnmError
 
 DATASETS = ("cifar10", "cifar100")
@@ -86,19 +91,11 @@ def _other(dataset: str) -> str:
 # --------------------------------------------------------------------------- restricted pickle
 
 
-def _numpy_reconstruct():
-    try:  # numpy >= 2
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
 # (module, name) -> the object; both spellings of numpy's core module are accepted because
 # the release was pickled by numpy 1 ("numpy.core") and custom sets may come from numpy 2.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], object]] = {
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _reconstruct,
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
 }

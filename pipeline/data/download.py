@@ -13,18 +13,28 @@ Overrides (for mirrors and tests): `CNM_CIFAR10_URL` / `CNM_CIFAR100_URL` replac
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
 import shlex
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
 from pipeline.data.cifar import LAYOUTS, hash_file
 from pipeline.errors import CnmError
+from pipeline.fileio import atomic_output, os_error_reason, remove_stale_temps
 
 # dataset -> (URL, MD5 published on the CIFAR page)
 OFFICIAL = {
@@ -84,25 +94,21 @@ def fetch(dataset: str, *, url: str | None = None, md5: str | None = None, cache
         say(f"the cached {target} has the wrong MD5; downloading it again")
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.part-", dir=cache)
+        if not os.access(cache, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
     except OSError as e:
-        raise CnmError(f"{cache}: cannot write the download cache ({e.strerror or e}); set CNM_CACHE_DIR "
+        raise CnmError(f"{cache}: cannot write the download cache ({os_error_reason(e)}); set CNM_CACHE_DIR "
                        f"to a writable directory, or {hint}") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            got_md5 = _download(url, f, dataset=dataset, hint=hint, progress=progress, say=say, timeout=timeout)
-            f.flush()
-            os.fsync(f.fileno())
+    remove_stale_temps(cache)  # the partial downloads of killed runs
+    with atomic_output(target) as tmp:  # a failure, a wrong MD5 or Ctrl-C leaves no partial file
+        try:
+            with open(tmp, "wb") as f:
+                got_md5 = _download(url, f, dataset=dataset, hint=hint, progress=progress, say=say, timeout=timeout)
+        except OSError as e:  # writing the cache (a full disk)
+            raise CnmError(f"{target}: cannot write the download ({os_error_reason(e)}); {hint}") from None
         if got_md5 != md5:
             raise CnmError(f"{url}: the downloaded file has MD5 {got_md5}, expected {md5} (corrupt, or "
                            f"not the official {LAYOUTS[dataset].tarball}); {hint}")
-        os.replace(tmp, target)
-    except OSError as e:  # writing the cache (a full disk) or renaming
-        raise CnmError(f"{tmp}: cannot write the download ({e.strerror or e}); {hint}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     say(f"downloaded {target} (MD5 {md5} checked)")
     return target
 
@@ -162,15 +168,6 @@ class _Bar:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                      TransferSpeedColumn(), TimeRemainingColumn())
             self.progress.start()

@@ -20,15 +20,16 @@ renames it into place, so a crash, a full disk or Ctrl-C leaves no partial outpu
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as _dt
-import errno
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import queue
 import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,11 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.backends import available, require
 from pipeline.errors import CnmError
+from pipeline.fileio import host_tag, os_error_reason, pid_alive
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SPLITS = ("train", "test")
 IMAGE_SHAPE = (32, 32, 3)
 
 
@@ -234,7 +236,7 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
         raise CnmError(f"{out}: exists and is not a `cnm prepare` output (no {MANIFEST}); refusing to "
                        f"replace it even with --force: choose another output directory")
     parent = out.parent
-    stamp = f"{_host()}-{os.getpid()}"
+    stamp = f"{host_tag()}-{os.getpid()}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale_siblings(out)
@@ -266,25 +268,11 @@ def atomic_directory(out: str | os.PathLike, *, force: bool = False) -> Iterator
         raise
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname() or "host")[:40]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, OSError):
-        return True  # exists under another user, or cannot tell: keep its files
-    return True
-
-
 def remove_stale_siblings(out: str | os.PathLike) -> list[str]:
     """Delete `.NAME.tmp-HOST-PID-*` / `.NAME.old-HOST-PID` siblings of `out` left by a process
     of this host that no longer runs; returns their names. Live processes' files are kept."""
     out = Path(out)
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-{re.escape(_host())}-(\d+)(?:-|$)")
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-{re.escape(host_tag())}-(\d+)(?:-|$)")
     removed = []
     try:
         siblings = list(out.parent.iterdir())
@@ -292,7 +280,7 @@ def remove_stale_siblings(out: str | os.PathLike) -> list[str]:
         return removed
     for p in siblings:
         m = pattern.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed
@@ -304,17 +292,6 @@ def replaceable(out: str | os.PathLike) -> bool:
     if out.is_dir():
         return (out / MANIFEST).is_file() or not any(out.iterdir())
     return False
-
-
-def os_error_reason(e: OSError) -> str:
-    """A short reason for an OSError: "no space left on device", "permission denied", ..."""
-    if e.errno == errno.ENOSPC:
-        return "no space left on device"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if e.errno == errno.EROFS:
-        return "read-only file system"
-    return e.strerror or str(e)
 
 
 def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
@@ -375,13 +352,7 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, num_workers:
     instead: the file is byte-for-byte what ffcv writes with one worker, every error propagates
     here, and nothing is left behind. `num_workers` is accepted for compatibility and ignored.
     """
-    from pipeline.backends import require
-
     require("ffcv", "writing .beton files")
-    import ctypes
-    import multiprocessing
-    import queue
-
     from ffcv.fields import IntField, RGBImageField
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter
@@ -462,8 +433,6 @@ def write_dataset(
     beton: write FFCV files (None: when ffcv is importable).
     progress: optional callable(str) told about each step.
     """
-    from pipeline.backends import available
-
     if beton is None:
         beton = available("ffcv")
     if "train" not in splits:

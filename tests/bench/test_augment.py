@@ -12,6 +12,7 @@ import torch
 from bench import report
 from bench.augment import AugmentConfig, run_augment_bench
 from bench.harness import Workload
+from bench.isolated import run_isolated
 from bench.peaks import lookup
 from pipeline import backends
 from pipeline.errors import CnmError
@@ -268,8 +269,6 @@ def test_real_pipelines_end_to_end_cuda():
 
 
 def test_isolated_child_failure_becomes_a_row():
-    from bench.isolated import run_isolated
-
     row = run_isolated({"module": "os"})  # only the bench row modules may be named
     assert row["available"] is False and row["failed"] is True
     assert row["reason"] == "failed in its own process (exit status 1): unknown row module 'os'"

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from cnm.cli import main
+from pipeline import backends
 
 
 def run_cli(argv, capsys):
@@ -23,8 +24,6 @@ TINY = ["--device", "cpu", "--batch-size", "8", "--peers", "2", "--repeats", "1"
 
 def test_bench_json_and_save(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ffcv", None)  # the ffcv row: unavailable, and no .beton to write
-    from pipeline import backends
-
     backends.reset_cache()
     try:
         out_json = tmp_path / "b.json"
@@ -83,10 +82,11 @@ def test_bad_input_is_one_line(argv, msg, capsys):
 
 def test_plot_without_matplotlib_fails_before_running(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(backends, "_cache", {})
     code, out, err = run_cli(["bench", *TINY, "--pipelines", "op", "--plot", str(tmp_path / "p.png"),
                               "--json", str(tmp_path / "b.json")], capsys)
     assert code == 1
-    assert err.strip() == "error: --plot needs matplotlib: pip install 'cnm[plot]'"
+    assert err.strip() == "error: matplotlib is not installed (needed for --plot): pip install 'cnm[plot]'"
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 import pytest
 
+from cnm.cli import cli
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 README_MAX_LINES = 300
@@ -133,8 +135,6 @@ def test_docs_links_in_code_resolve():
 
 def _commands():
     """(name, command, context) of `cnm` and every subcommand, as `--help` sees them."""
-    from cnm.cli import cli
-
     def walk(cmd, path, parent):
         ctx = click.Context(cmd, info_name=path[-1], parent=parent)
         yield " ".join(path), cmd, ctx

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cnm.cli import main
 from cnm.cmd_info import cuda_words
@@ -94,14 +95,23 @@ def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
 
 
 def test_broken_torch_cuda_query_does_not_crash(monkeypatch):
-    import torch
-
     def boom():
         raise RuntimeError("driver exploded")
 
     monkeypatch.setattr(torch.cuda, "is_available", boom)
     info = environment.cuda_info()
     assert info["available"] is False and "driver exploded" in info["error"]
+
+
+def test_info_reports_a_torch_that_fails_to_import():
+    """`cnm info` diagnoses a broken install: a torch whose import raises is named, not a crash."""
+    code = ("import json, sys\nclass Broken:\n    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch':\n            raise ImportError('libtorch_cpu.so: cannot open shared object')\n"
+            "sys.meta_path.insert(0, Broken())\nfrom cnm.cli import main\nmain(['info', '--json'])")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    env = json.loads(p.stdout)
+    assert "libtorch_cpu.so" in env["cuda"]["error"] and env["cuda"]["available"] is False
 
 
 def test_git_info_outside_a_checkout(tmp_path):

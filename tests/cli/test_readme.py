@@ -3,11 +3,13 @@
 import re
 from pathlib import Path
 
+from trainer.config import TrainConfig
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bash_blocks(text: str) -> list[str]:
-    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)]
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -18,8 +20,6 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 def test_main_job_prepares_where_train_reads_by_default():
-    from trainer.config import TrainConfig
-
     main_job = _bash_blocks((ROOT / "README.md").read_text())[0]
     assert "cnm train --arch resnet32 --peers 3" in main_job
     out = re.search(r"cnm prepare --dataset cifar100 --download --out (\S+)", main_job)

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 
 import numpy as np
 import pytest
 
+from pipeline import fileio
 from pipeline.data import download
 from pipeline.data.manifest import load_manifest
 from pipeline.data.prepare import prepare
@@ -72,6 +75,23 @@ def test_download_verifies_md5_and_caches(server, release, tmp_path):
                            say=said.append)
     assert again == path and hits["/ok.tar.gz"] == n  # served from the cache
     assert any("using the cached" in s for s in said)
+
+
+def test_partial_download_of_a_killed_run_is_removed(server, release, tmp_path):
+    """A run killed outright leaves its temporary download; the next fetch removes it (its writer
+    is dead), but not one of a process that still runs."""
+    url, _ = server
+    body, _ = release
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.Popen(["true"])  # its pid is free once it has been waited for
+    dead.wait()
+    stale = cache / f".cifar-10-python.tar.gz.tmp-{fileio.host_tag()}-{dead.pid}-0123abcd"
+    live = cache / f".cifar-10-python.tar.gz.tmp-{fileio.host_tag()}-{os.getppid()}-4567abcd"
+    stale.write_bytes(b"half a tarball")
+    live.write_bytes(b"being written")
+    download.fetch("cifar10", url=f"{url}/ok.tar.gz", md5=md5(body), cache_dir=cache, progress=False)
+    assert cache_entries(cache) == sorted([live.name, "cifar-10-python.tar.gz"])
 
 
 def test_cached_file_with_wrong_md5_is_fetched_again(server, release, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import backends
+from pipeline import backends, fileio
 from pipeline.data import manifest as manifest_mod
 from pipeline.data.manifest import beton_file, images_file, labels_file, load_manifest
 from pipeline.data.prepare import check_options, prepare
@@ -308,7 +308,7 @@ def test_leftovers_of_a_killed_run_are_removed(tmp_path):
     host removes it, but never one of a process that is still running."""
     import subprocess
 
-    host = manifest_mod._host()
+    host = fileio.host_tag()
     dead_pid = subprocess.Popen(["true"])  # its pid is free once it has been waited for
     dead_pid.wait()
     out = tmp_path / "syn"

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
+from pipeline.choices import DEVICES
 from pipeline.errors import CnmError
 from trainer.distributed.comm import DEFAULT_TIMEOUT_S, Comm, ProcessGroupComm, first_line
 
@@ -80,7 +81,7 @@ def init_from_env(device_type: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_
         return Comm(timeout_s)
     if not dist.is_available():
         raise CnmError("this torch build has no torch.distributed; multi-process training is unavailable")
-    if device_type not in ("auto", "cuda", "cpu"):
+    if device_type not in DEVICES:
         raise CnmError(f"unsupported device {device_type!r} for multi-process training")
     cuda = device_type in ("auto", "cuda") and torch.cuda.is_available()
     if cuda and not dist.is_nccl_available():

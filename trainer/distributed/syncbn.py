@@ -9,6 +9,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+try:
+    from torch.distributed.nn.functional import all_reduce
+except ImportError:  # a torch build without torch.distributed: no group, so forward never calls it
+    all_reduce = None
+
 from pipeline.errors import CnmError
 
 
@@ -37,9 +42,6 @@ class ReferenceSyncBatchNorm(nn.BatchNorm2d):
         if self.momentum is None:
             raise CnmError("ReferenceSyncBatchNorm needs a BatchNorm momentum (cumulative averaging "
                            "is not supported)")
-        # lazy: torch builds without torch.distributed cannot import this module (and never get here)
-        from torch.distributed.nn.functional import all_reduce
-
         self._check_input_dim(x)
         C = x.shape[1]
         xf = x.to(torch.promote_types(x.dtype, torch.float32))        # bf16/fp16 -> fp32
