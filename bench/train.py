@@ -114,7 +114,7 @@ def default_step_factory(cfg: TrainBenchConfig, variant: Variant, device: torch.
     """One real train step of `cnm train` (`trainer.step.build_bench_step`) on a fixed random
     uint8 batch held on the device; `step()` launches one step without synchronising."""
     try:
-        from trainer.step import build_bench_step
+        from bench.train_step import build_bench_step
     except ImportError as e:
         raise Unavailable(f"trainer.step has no bench step factory ({_one_line(e)})") from None
     s = variant.settings()

@@ -261,7 +261,7 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
                      lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                      weight_decay=cfg.weight_decay, device=device, bf16=res.bf16,
                      channels_last=res.channels_last, cuda_graphs=res.cuda_graphs, seed=cfg.seed,
-                     rank=comm.rank)
+                     rank=comm.rank, host_augment=host_augment)
     step.grad_hook = comm.grad_all_reduce(step.optimizer.params)   # None for one process
 
     # ---- run directory
@@ -316,7 +316,6 @@ def _epochs(cfg, res, comm, run, loader, step, evaluator, teacher, peerset, prog
             rows, best, config_saved, requested, K):
     """The epochs of a run (see the module docstring); returns (metrics rows, best)."""
     device = step.device
-    host_augment = loader.name == "cpu"
     steps_per_epoch = len(loader)
     fault = comm.fault_injector()                  # CNM_FAULT testing hook (None normally)
     for epoch in range(start_epoch, cfg.epochs):
@@ -331,10 +330,7 @@ def _epochs(cfg, res, comm, run, loader, step, evaluator, teacher, peerset, prog
                 if fault is not None:
                     fault.check(epoch, i)
                 step.set_lr(lr_at(cfg.schedule, cfg.lr, cfg.epochs, epoch, i, steps_per_epoch))
-                if host_augment:
-                    step.run_views(*batch)
-                else:
-                    step(batch[0], batch[1], epoch=epoch, step=i)
+                step(*batch, epoch=epoch, step=i)
                 progress.step(i, step.loss_sums[0], step.steps_done)
             m = step.read_metrics(comm)        # the epoch's one host sync (summed over ranks)
         finally:
