@@ -1,40 +1,17 @@
-"""The training loop of `cnm train`: epochs, schedule, evaluation, metrics, checkpoints, resume.
+"""The training loop of `cnm train` (docs/design.md#the-loop), timm-style:
 
-    for epoch e (0-based):
-        loader.set_epoch(e)                     order from (seed, e)
-        w = rampup(e, rampup_epochs); per step: lr from the schedule (trainer.schedule)
-        TrainStep per batch                     augment from (seed, e, rank, step); no host sync
-        read the epoch's device metrics once    a non-finite loss stops the run here
-        evaluate every peer, the peer ensemble, every EMA peer, the EMA ensemble on the test split
-        append one row to RUN/metrics.jsonl, then write RUN/last.pt (and RUN/best.pt) atomically
+    train: decide the run (rank 0: --resume, run directory) -> check the data -> build_run
+           (trainer/run.py) -> resume -> for each epoch: train_one_epoch, validate, save -> summary
 
-A metrics row: epoch (1-based count of finished epochs), lr (at the epoch's first step),
-ramp (w(e)), loss (total per step, summed over peers), ce / kd / fml (per step, mean over
-peers, unweighted), train_acc [P] (lam-weighted, on the augmented views), test_acc [P],
-ensemble_acc, teacher_acc [P] and teacher_ensemble_acc (null without an EMA teacher),
-images_per_s and epoch_s (training part of the epoch, device synchronised at its end), eval_s,
-global_step.
-
-Resume (`--resume --out RUN`): the run's saved config is the base and flags given explicitly
-override it (e.g. `--epochs 400` extends a run); `--arch`/`--peers` must match the checkpoint.
-Models, EMA, momentum, the global step and the epoch come from RUN/last.pt; the data order and
-the augmentation are pure functions of (seed, epoch, rank, step), so the resumed run repeats
-exactly what the uninterrupted run would have done (tests/trainer/test_resume.py). Rows of
-metrics.jsonl after the checkpoint's epoch (written before a crash) are dropped and recomputed.
-
-Layout (timm-style): `train` = decide the run (rank 0) -> check the data -> `build_run`
-(trainer/run.py) -> `resume` -> for each epoch: `train_one_epoch`, `validate`, save
-(trainer/checkpoint.py) -> summary.
-
-Processes (torchrun, trainer/distributed.py): `comm` is the single-process `Comm` by default;
-`cnm train` under torchrun passes a `ProcessGroupComm`. Then rank 0 alone reads the checkpoint
-and decides the settings and the run directory (every rank runs rank 0's settings; its errors
-reach every rank), every rank checks its data (and that all read the same files), rank 0's weights, EMA and momentum are broadcast,
-gradients are averaged after every backward (`GradAllReduce` as the step's gradient hook),
-`--sync-bn` converts BatchNorm, the epoch's metrics and test counts are summed over ranks,
-rank 0's BatchNorm buffers are broadcast before evaluation, and only rank 0 writes
-config.json, metrics.jsonl and checkpoints, and prints. Checkpoints do not depend on the number
-of processes, so a run resumes with any number (README).
+An epoch: order from (seed, e), augmentation from (seed, e, rank, step), lr per step from the
+schedule, ramp w(e); no host sync until `read_metrics` at its end (a non-finite loss stops the
+run there); then every peer, the ensemble and the EMA teacher are evaluated, one row
+(`ROW_COLUMNS`) is appended to RUN/metrics.jsonl and RUN/last.pt (and best.pt) written
+atomically (trainer/checkpoint.py). A resumed run repeats exactly what the uninterrupted run
+would have done (tests/trainer/test_resume.py); rows after the checkpoint's epoch are dropped.
+Several processes (docs/distributed.md): rank 0 decides and alone writes and prints; every rank
+checks its data, starts from rank 0's weights, EMA and momentum, averages gradients through the
+step's hook, and evaluates with rank 0's BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -52,7 +29,11 @@ from trainer.progress import Progress
 from trainer.run import Run, build_run, decide_run
 from trainer.schedule import lr_at
 
-# the columns of a metrics row, in the order written to metrics.jsonl (module docstring)
+# The columns of a metrics row, in the order written: epoch (finished epochs, 1-based), lr (at the
+# epoch's first step), ramp w(e), loss (per step, summed over peers), ce / kd / fml (per step,
+# mean over peers, unweighted), train_acc [P] (lam-weighted, augmented views), test_acc [P],
+# ensemble_acc, teacher_acc [P] / teacher_ensemble_acc (None without an EMA teacher),
+# images_per_s and epoch_s (the training part, device synchronised at its end), eval_s, global_step.
 ROW_COLUMNS = ("epoch", "lr", "ramp", "loss", "ce", "kd", "fml", "train_acc", "test_acc", "ensemble_acc",
                "teacher_acc", "teacher_ensemble_acc", "images_per_s", "epoch_s", "eval_s", "global_step")
 

@@ -44,10 +44,11 @@ def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
 
 def build_augment(mix: str, peers: int, *, alpha: float = 1.0, mix_prob: float = 0.5,
                   mean=(125.3, 123.0, 113.9), std=(63.0, 62.1, 66.7),
-                  out_dtype: torch.dtype = torch.float32) -> CutNMix:
-    """The Cut^nMix op of the step (pad 4, flip, per-channel normalisation)."""
+                  out_dtype: torch.dtype = torch.float32, impl: str = "auto") -> CutNMix:
+    """The Cut^nMix op of the step (pad 4, flip, per-channel normalisation); `impl` as
+    `pipeline.ops.cutnmix` ("auto": Triton on CUDA, the numba kernel on the CPU)."""
     return CutNMix(peers=peers, mode=mix, alpha=alpha, mix_prob=mix_prob, pad=4, flip=True,
-                   mean=tuple(mean), std=tuple(std), out_dtype=out_dtype, impl="auto")
+                   mean=tuple(mean), std=tuple(std), out_dtype=out_dtype, impl=impl)
 
 
 @dataclass(frozen=True)

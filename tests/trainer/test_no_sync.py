@@ -7,6 +7,12 @@ trainer's settings takes each of its values in at least one configuration below 
 teacher, FML, mix mode, gradient hook, bf16, channels-last, mixed architectures, input form);
 then the augmentation draw and apply on their own, and a resident-loader epoch. Tiny models
 and batches (resnet20/32, batch 4) keep the matrix fast.
+
+The augmentation runs its torch implementation (`impl="torch"`): the op's CPU default, the
+numba kernel, reads the host tensors through `.numpy()` (no sync on the CPU, where the data
+already is, but the detector cannot tell), and the Triton kernel it uses on CUDA cannot run
+here outside the interpreter; both are checked against the reference
+(tests/pipeline/ops/test_equivalence.py).
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ def test_the_matrix_covers_every_setting():
 def test_train_steps_do_not_sync(config):
     peer_exec, teacher, fml, mix, hook, bf16, channels_last, arch, host_augment = config
     step = _make(peer_exec=peer_exec, teacher=teacher, fml=fml, mix=mix, bf16=bf16,
-                 channels_last=channels_last, arch=arch, host_augment=host_augment)
+                 channels_last=channels_last, arch=arch, host_augment=host_augment, impl="torch")
     step.grad_hook = _hook(hook, step)
     batches = []
     for i in range(2):
@@ -106,7 +112,7 @@ def test_train_steps_do_not_sync(config):
 
 @pytest.mark.parametrize("mix", MODES)
 def test_augment_draw_and_apply_do_not_sync(mix):
-    aug = build_augment(mix, 3)
+    aug = build_augment(mix, 3, impl="torch")
     images, labels = _batch(0, b=B)
     g = torch.Generator()
     with SyncDetector() as det:
@@ -125,7 +131,7 @@ def test_resident_loader_epoch_does_not_sync(tmp_path, augment):
     data = tmp_path / "data"
     write_dataset(data, make_synthetic(K, 20, 8, seed=0), dataset="synthetic", class_names=class_names(K),
                   beton=False)
-    loader = make_loader("resident", data, batch_size=B, augment=build_augment("cutnmix", 2) if augment else None)
+    loader = make_loader("resident", data, batch_size=B, augment=build_augment("cutnmix", 2, impl="torch") if augment else None)
     for epoch in range(2):
         loader.set_epoch(epoch)
         batches = iter(loader)

@@ -22,7 +22,8 @@ def _batch(seed=0, device="cpu", b=B):
 
 
 def _make(peer_exec="loop", channels_last=False, teacher="ema", fml=True, peers=2, device="cpu",
-          bf16=False, cuda_graphs=False, mix="cutnmix", seed=0, lr=0.01, arch=ARCH, host_augment=False):
+          bf16=False, cuda_graphs=False, mix="cutnmix", seed=0, lr=0.01, arch=ARCH, host_augment=False,
+          impl="auto"):
     from trainer.peers import build_peers
     from trainer.teacher import EMATeacher
 
@@ -32,7 +33,7 @@ def _make(peer_exec="loop", channels_last=False, teacher="ema", fml=True, peers=
     if channels_last:
         ps = ps.to(memory_format=torch.channels_last)
     ema = EMATeacher(ps, decay=0.999) if teacher == "ema" else None
-    aug = build_augment(mix, len(archs), out_dtype=torch.bfloat16 if bf16 else torch.float32)
+    aug = build_augment(mix, len(archs), out_dtype=torch.bfloat16 if bf16 else torch.float32, impl=impl)
     step = TrainStep(ps, ema, aug, losses=LossSetup(teacher=teacher, fml=fml), lr=lr, device=device,
                      bf16=bf16, channels_last=channels_last, cuda_graphs=cuda_graphs, seed=seed,
                      host_augment=host_augment)
