@@ -26,7 +26,7 @@ from pipeline.environment import load_average, run_environment
 from pipeline.errors import CnmError
 from pipeline.ops import MODES
 from trainer.models import check_arch
-from trainer.step import build_bench_step
+from bench.train_step import build_bench_step
 
 BASELINE = "eager-fp32"
 

@@ -27,7 +27,8 @@ A run directory (`--out RUN`) holds:
                  it, so a run resumes with any number of processes; trainer/distributed.py)
 
 Every file is written to a temporary sibling, fsync'ed, then `os.replace`d into place, so a
-`kill -9` at any moment leaves either the old or the new complete file.
+`kill -9` at any moment leaves either the old or the new complete file. `run_state` builds the
+whole state of a `trainer.run.Run`, `restore_state` puts it back, `save_epoch` writes it.
 """
 
 from __future__ import annotations
@@ -35,13 +36,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import platform
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.errors import CnmError
+from trainer.config import resolved_dict
+from trainer.optim import load_momentum, momentum_to_peer_dicts
 
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
@@ -147,3 +152,74 @@ def truncate_metrics(path: str | os.PathLike, epochs_done: int) -> list[dict]:
     rows = [r for r in read_jsonl(path) if isinstance(r.get("epoch"), int) and r["epoch"] <= epochs_done]
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
     return rows
+
+
+# ----------------------------------------------------------------------------- a run's state
+
+
+def write_run_config(run) -> None:
+    """RUN/config.json: the resolved config of a `trainer.run.Run` plus `_resolved` (what the
+    run picked on this machine: loader, sizes, processes, versions)."""
+    comm, loader = run.comm, run.loader
+    out = resolved_dict(run.cfg, run.res)
+    out["_resolved"] = {"loader": loader.name, "num_classes": run.num_classes,
+                        "dataset": run.manifest.dataset,
+                        "train_images": loader.num_samples * comm.world,
+                        "steps_per_epoch": len(loader), "world": comm.world, "backend": comm.backend,
+                        "torch": torch.__version__, "python": platform.python_version(),
+                        "hostname": platform.node()}
+    run.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.dir / CONFIG, out)
+
+
+def checkpoint_meta(state: dict | None) -> dict | None:
+    """What every process needs to know of a checkpoint before its tensors are broadcast."""
+    if state is None:
+        return None
+    return {k: state.get(k) for k in ("num_classes", "epoch", "global_step", "best")}
+
+
+def run_state(run, *, epoch: int, global_step: int, lr: float, row: dict, best: dict) -> dict:
+    """The whole state of a run after `epoch` finished epochs, on the CPU (format above)."""
+    cfg, teacher = run.cfg, run.teacher
+    return _to_cpu({
+        "format": CHECKPOINT_FORMAT, "config": resolved_dict(cfg, run.res),
+        "requested": {**cfg.to_dict(), "out": str(run.dir), "resume": False},
+        "epoch": epoch, "global_step": global_step, "archs": list(run.res.archs),
+        "num_classes": run.num_classes,
+        "peers": run.peers.peer_state_dicts(),
+        "teacher": teacher.module.peer_state_dicts() if teacher is not None else None,
+        "optimizer": {"momentum": momentum_to_peer_dicts(run.peers, run.step.optimizer)},
+        "schedule": {"name": cfg.schedule, "lr0": cfg.lr, "epochs": cfg.epochs, "lr": lr},
+        "rng": {"torch_cpu": torch.get_rng_state()},
+        "metrics": row, "best": best, "world": run.comm.world,
+    })
+
+
+def restore_state(run, state: dict) -> None:
+    """Load a checkpoint's peers, EMA teacher and momentum into a freshly built run (in place).
+    A run resumed with an EMA teacher its checkpoint lacks starts the teacher from the peers."""
+    run.peers.load_peer_state_dicts(state["peers"])
+    if run.teacher is not None:
+        run.teacher.module.load_peer_state_dicts(state["teacher"] if state.get("teacher") is not None
+                                                 else state["peers"])
+    load_momentum(run.peers, run.step.optimizer, state["optimizer"]["momentum"])
+
+
+def save_epoch(run_dir: Path, state: dict, is_best: bool) -> None:
+    """Write RUN/last.pt (and RUN/best.pt when this epoch is the best so far)."""
+    save_checkpoint(run_dir / LAST, state)
+    if is_best:
+        save_checkpoint(run_dir / BEST, state)
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, OrderedDict):
+        return OrderedDict((k, _to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj

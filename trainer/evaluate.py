@@ -1,4 +1,4 @@
-"""Test-split evaluation of a peer ensemble and its EMA teacher (DESIGN.md, `cnm eval`).
+"""Test-split evaluation of a peer ensemble and its EMA teacher (docs/design.md#evaluation, `cnm eval`).
 
 Reported accuracies (top-1, %):
 
@@ -20,10 +20,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from pipeline.data.manifest import load_manifest
+from pipeline.errors import CnmError
+from trainer import checkpoint as ckpt
+from trainer.peers import build_peers
 
 
 def normalise(images_u8: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor,
@@ -116,13 +122,6 @@ def evaluate_checkpoint(run_or_checkpoint, *, data: str | None = None, device: s
     One-line CnmError for a missing/foreign checkpoint, a missing or mismatching data dir, or
     `--device cuda` without CUDA.
     """
-    from pathlib import Path
-
-    from pipeline.data.manifest import load_manifest
-    from pipeline.errors import CnmError
-    from trainer import checkpoint as ckpt
-    from trainer.peers import build_peers
-
     if batch_size < 1:
         raise CnmError(f"--batch-size must be >= 1, got {batch_size}")
     path = ckpt.find_checkpoint(run_or_checkpoint)

@@ -109,6 +109,16 @@ class PeerSet(nn.Module):
         """Load P single-network state dicts (from either mode's `peer_state_dicts`)."""
         raise NotImplementedError
 
+    def split_by_peer(self, named: Mapping[str, torch.Tensor]) -> list[OrderedDict]:
+        """Tensors keyed by this set's parameter names (`named_parameters()`; e.g. momentum
+        buffers) -> P dicts keyed like `peer_state_dicts()`, so what is saved does not depend
+        on --peer-exec."""
+        raise NotImplementedError
+
+    def merge_by_peer(self, states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Inverse of `split_by_peer`: P per-peer dicts -> tensors keyed by parameter name."""
+        raise NotImplementedError
+
     def _check_views(self, views: torch.Tensor) -> None:
         if views.dim() != 5 or views.shape[0] != self.peers or views.shape[2] != 3:
             raise CnmError(f"peer views must be [P={self.peers}, B, 3, H, W], "
@@ -157,6 +167,16 @@ class LoopPeers(PeerSet):
             except RuntimeError as e:
                 raise CnmError(f"peer {k} ({self.archs[k]}): state dict does not fit: "
                                f"{str(e).splitlines()[0]}") from None
+
+    def split_by_peer(self, named: Mapping[str, torch.Tensor]) -> list[OrderedDict]:
+        out = [OrderedDict() for _ in range(self.peers)]
+        for n, t in named.items():
+            _, k, rest = n.split(".", 2)          # "models.<k>.<name>"
+            out[int(k)][rest] = t
+        return out
+
+    def merge_by_peer(self, states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {f"models.{k}.{n}": t for k, s in enumerate(states) for n, t in s.items()}
 
 
 def views_to_grouped_input(views: torch.Tensor) -> torch.Tensor:
@@ -208,6 +228,12 @@ class GroupedPeers(PeerSet):
         except RuntimeError as e:
             raise CnmError(f"peer state dicts do not fit a grouped {self.archs[0]}: "
                            f"{str(e).splitlines()[0]}") from None
+
+    def split_by_peer(self, named: Mapping[str, torch.Tensor]) -> list[OrderedDict]:
+        return split_state_dict({n[len("net."):]: t for n, t in named.items()}, self.peers)
+
+    def merge_by_peer(self, states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {"net." + n: t for n, t in merge_state_dicts(states).items()}
 
 
 def build_peers(archs: Sequence[str], num_classes: int, peer_exec: str = "loop") -> PeerSet:

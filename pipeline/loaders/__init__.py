@@ -4,12 +4,13 @@
 from pipeline.loaders import make_loader
 loader = make_loader("ffcv" | "dali" | "resident" | "cpu" | "auto", data_dir, split="train",
                      batch_size=128, device="cpu", seed=0, rank=0, world=1, drop_last=None,
-                     augment=None)
+                     augment=None, limit=None)
 loader.set_epoch(e)                  # like DistributedSampler.set_epoch
 for images, labels in loader: ...    # uint8 [B,32,32,3], int64 [B] on `device`
 # with augment=CutNMix(...): for views, y_a, y_b, lam in loader: ...
 ```
 
+`limit=N` reads only the split's first N samples (resident and cpu loaders; `--limit-train`).
 `len(loader)` is the number of batches per epoch on this rank, `loader.num_samples` the samples
 they hold, `loader.name` the back-end actually used (for "auto": the one it picked). Epoch
 order, sharding, `drop_last` and augment seeding are defined once in `pipeline.loaders.base`.
@@ -100,12 +101,14 @@ def auto_rule(device_type: str, need_bytes: int, free_bytes: int, dali_ok, ffcv_
 
 def make_loader(name: str, data_dir, split: str = "train", batch_size: int = 128, device="cpu",
                 seed: int = 0, rank: int = 0, world: int = 1, drop_last: bool | None = None,
-                augment=None, **options) -> BatchLoader:
+                augment=None, limit: int | None = None, **options) -> BatchLoader:
     """Build a loader of `split` of the prepared directory `data_dir` (see the module docstring).
 
     name: "ffcv" | "dali" | "resident" | "cpu" | "auto". device: "cpu" | "cuda[:N]" | "auto" |
-    torch.device. Raises a one-line CnmError for an unknown name, a missing back-end (naming
-    the pip extra), or a missing, corrupt or unknown-version prepared directory.
+    torch.device. limit: read only the first `limit` samples of the split (resident and cpu).
+    Raises a one-line CnmError for an unknown name, a missing back-end (naming the pip extra),
+    a limit on a loader that cannot take one, or a missing, corrupt or unknown-version prepared
+    directory.
     """
     if not isinstance(name, str) or (name != "auto" and name not in LOADERS):
         raise CnmError(f"unknown loader {name!r} (choices: {', '.join(CHOICES)})")
@@ -116,6 +119,11 @@ def make_loader(name: str, data_dir, split: str = "train", batch_size: int = 128
     if auto:  # back-end specific options apply only if their back-end was picked
         accepted = inspect.signature(cls.__init__).parameters
         options = {k: v for k, v in options.items() if k in accepted}
+    if limit is not None:
+        if not cls.can_limit:
+            raise CnmError(f"the {name} loader reads its whole split; a limit to the first {limit} samples "
+                           f"(--limit-train) works with the resident or cpu loader")
+        options["limit"] = limit
     try:
         return cls(data_dir, split=split, batch_size=batch_size, device=device, seed=seed, rank=rank,
                    world=world, drop_last=drop_last, augment=augment, **options)

@@ -200,10 +200,11 @@ class BatchLoader:
     """
 
     name = "base"
+    can_limit = False   # whether `limit=N` (read only the split's first N samples) is supported
 
     def __init__(self, data_dir, split: str = "train", batch_size: int = 128, device="cpu",
                  seed: int = 0, rank: int = 0, world: int = 1, drop_last: bool | None = None,
-                 augment=None):
+                 augment=None, limit: int | None = None):
         check_sharding(batch_size, rank, world)
         self.device = resolve_device(device)
         self.manifest: Manifest = load_manifest(data_dir)
@@ -216,7 +217,8 @@ class BatchLoader:
         self.rank = int(rank)
         self.world = int(world)
         self.augment = augment
-        self.plan = make_plan(self.manifest.counts[split], split=split, batch_size=self.batch_size,
+        n = self.manifest.counts[split] if limit is None else min(int(limit), self.manifest.counts[split])
+        self.plan = make_plan(n, split=split, batch_size=self.batch_size,
                               seed=self.seed, rank=self.rank, world=self.world, drop_last=drop_last)
         self._epoch = 0
         self._epoch_is_set = False

@@ -117,10 +117,12 @@ class CpuLoader(BatchLoader):
     """
 
     name = "cpu"
+    can_limit = True
 
     def __init__(self, data_dir, split="train", batch_size=128, device="cpu", seed=0, rank=0, world=1,
-                 drop_last=None, augment=None, num_workers: int | None = None, prefetch_factor: int = 4):
-        super().__init__(data_dir, split, batch_size, device, seed, rank, world, drop_last, augment)
+                 drop_last=None, augment=None, limit=None, num_workers: int | None = None,
+                 prefetch_factor: int = 4):
+        super().__init__(data_dir, split, batch_size, device, seed, rank, world, drop_last, augment, limit)
         _, labels = self.manifest.load_split(split, mmap=True, verify=True)
         numpy_aug = None
         if augment is not None:

@@ -329,3 +329,26 @@ def test_bf16_autocast_channels_last_close_to_fp32(peer_exec, cuda_device, cuda_
     assert err <= 0.05 * ref.abs().max().item() + 0.05, err
     agree = (fast.float().argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= 0.9, agree
+
+
+def test_per_parameter_tensors_split_by_peer_like_state_dicts():
+    """`split_by_peer` (momentum in checkpoints) keys per-parameter tensors like
+    `peer_state_dicts`, identically for loop and grouped; `merge_by_peer` inverts it."""
+    from trainer.peers import build_peers
+
+    sets = {}
+    for mode in ("loop", "grouped"):
+        torch.manual_seed(0)
+        ps = build_peers(["resnet20"] * 2, 10, peer_exec=mode)
+        named = {n: p.detach().clone() for n, p in ps.named_parameters()}
+        split = ps.split_by_peer(named)
+        states = ps.peer_state_dicts()
+        for s, full in zip(split, states):
+            assert set(s) == {k for k in full if "running" not in k and "num_batches" not in k}
+            for k, t in s.items():
+                assert torch.equal(t, full[k]), (mode, k)
+        merged = ps.merge_by_peer(split)
+        assert merged.keys() == named.keys() and all(torch.equal(merged[n], named[n]) for n in named)
+        sets[mode] = split
+    for a, b in zip(sets["loop"], sets["grouped"]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -100,11 +100,12 @@ def test_resume_after_kill_9_mid_epoch_equals_uninterrupted(data, reference, tmp
                             stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
-        while not any(r.get("epoch") == 1 for r in ckpt.read_jsonl(run / "metrics.jsonl")):
+        # epoch 1 finished: its row, then its checkpoint (renamed into place: present = complete)
+        while not (any(r.get("epoch") == 1 for r in ckpt.read_jsonl(run / "metrics.jsonl"))
+                   and (run / "last.pt").exists()):
             assert proc.poll() is None, proc.stdout.read().decode()
             assert time.monotonic() < deadline, "epoch 1 never finished"
             time.sleep(0.05)
-        time.sleep(0.3)                       # into epoch 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.errors import CnmError
 from pipeline.loaders import make_loader
-from pipeline.loaders.base import derive_seed, make_plan
+from pipeline.loaders.base import derive_seed, epoch_permutation, make_plan
 from tests.pipeline.loaders.conftest import (
     TEST_N,
     TINY_TEST_N,
@@ -220,3 +220,26 @@ def _installed(name: str) -> bool:
     from pipeline import backends
 
     return backends.available(name)
+
+
+@pytest.mark.parametrize("name", ["resident", "cpu"])
+def test_limit_reads_only_the_first_samples(name, prepared):
+    """`limit=N` (--limit-train): the epoch is a shuffled pass over the split's first N samples,
+    in the same order on both loaders; a loader that cannot be limited says so in one line."""
+    opts = {"num_workers": 0} if name == "cpu" else {}
+    loader = make_loader(name, prepared, batch_size=16, limit=100, **opts)
+    ids, labels, sizes, _ = collect(loader, epoch=1)
+    loader.close()
+    assert len(loader) == 6 and loader.num_samples == 96 and set(sizes) == {16}
+    assert ids.unique().numel() == 96 and int(ids.max()) < 100
+    assert torch.equal(labels, torch.as_tensor(label_of(ids.numpy())))
+    assert torch.equal(ids, epoch_permutation(100, 0, 1)[:96])
+
+
+def test_limit_refused_by_loaders_that_read_the_whole_split(prepared, monkeypatch):
+    from pipeline import loaders
+
+    monkeypatch.setattr(loaders, "loader_class", lambda name: type("Whole", (), {"can_limit": False}))
+    with pytest.raises(CnmError, match="reads its whole split") as e:
+        make_loader("dali", prepared, limit=10)
+    assert "\n" not in str(e.value)
