@@ -39,7 +39,7 @@ ROW_COLUMNS = ("epoch", "lr", "ramp", "loss", "ce", "kd", "fml", "train_acc", "t
 
 
 def rampup_weight(epoch: int, rampup_epochs: float) -> float:
-    """w(e) = exp(-5 (1 - min(e/R, 1))^2) (docs/design.md#the-losses); 1 when R = 0."""
+    """w(e) = exp(-5 (1 - min(e/R, 1))^2) (docs/design.md#losses); 1 when R = 0."""
     if rampup_epochs <= 0:
         return 1.0
     return float(rampup(epoch, rampup_epochs))

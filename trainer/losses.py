@@ -1,4 +1,4 @@
-"""Online-distillation losses, per peer (this project's formulation, `DESIGN.md`).
+"""Online-distillation losses, per peer (this project's formulation, docs/design.md#losses).
 
 Peer k has logits `z_k` and a pooled feature `f_k`; all functions return one value per peer
 (shape `[P]`, float32) so the caller can weight, log and sum them. All math runs in float32

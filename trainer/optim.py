@@ -9,7 +9,7 @@ which with dampening 0 is identical to torch's "first step copies the gradient".
 
 `momentum_to_peer_dicts` / `load_momentum`: the buffers as P per-peer dicts shaped like the
 peers' state dicts (the name mapping is the `PeerSet`'s), so a checkpoint does not depend on
---peer-exec (docs/design.md#the-step).
+--peer-exec (docs/design.md#the-train-step).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The train step: Cut^nMix augment -> peers forward -> online-KD losses -> backward -> SGD -> EMA.
 
-One step on a batch (docs/design.md#the-step):
+One step on a batch (docs/design.md#the-train-step):
 
     views, y_a, y_b, lam = input form (below)             views [P,B,3,32,32], peer k gets views[k]
     logits [P,B,K], features [P x [B,F]] = PeerSet(views)    (loop: one peer after another; grouped: all at once)
@@ -53,7 +53,7 @@ def build_augment(mix: str, peers: int, *, alpha: float = 1.0, mix_prob: float =
 
 @dataclass(frozen=True)
 class LossSetup:
-    """Which online-distillation terms the step computes (docs/design.md#the-losses)."""
+    """Which online-distillation terms the step computes (docs/design.md#losses)."""
 
     teacher: str = "ema"        # "ema" | "peers" | "none"
     fml: bool = True

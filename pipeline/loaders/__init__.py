@@ -1,4 +1,4 @@
-"""Loaders that yield the batch contract (DESIGN.md, section Batch contract).
+"""Loaders that yield the batch contract (docs/design.md#the-batch-contract).
 
 ```python
 from pipeline.loaders import make_loader
