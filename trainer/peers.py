@@ -25,11 +25,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from pipeline.choices import PEER_EXECS
 from pipeline.errors import CnmError
 from trainer.models import build_model, check_arch
 from trainer.models.layers import is_channels_last
 
-PEER_EXEC = ("loop", "grouped")
+PEER_EXEC = tuple(e for e in PEER_EXECS if e != "auto")
 
 
 def split_state_dict(state: Mapping[str, torch.Tensor], peers: int) -> list[OrderedDict]:

@@ -27,6 +27,8 @@ from pipeline import backends
 from pipeline.errors import CnmError
 from pipeline.ops import numba_impl
 from pipeline.ops.params import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
     CutNMixParams,
     check_config,
     check_images,
@@ -38,8 +40,6 @@ from pipeline.ops.params import (
 
 IMPLS = ("auto", "reference", "torch", "numba", "triton")
 LAYOUTS = ("peers", "grouped")
-CIFAR10_MEAN = (125.3, 123.0, 113.9)
-CIFAR10_STD = (63.0, 62.1, 66.7)
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:

@@ -20,6 +20,8 @@ import torch
 
 from pipeline.ops.params import (
     BOX_MODES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
     CutNMixParams,
     check_config,
     norm_constants,
@@ -170,8 +172,8 @@ class NumpyCutNMix:
             mix_prob=0.5,
             pad=4,
             flip=True,
-            mean=(125.3, 123.0, 113.9),
-            std=(63.0, 62.1, 66.7),
+            mean=CIFAR10_MEAN,
+            std=CIFAR10_STD,
             out_dtype=torch.float32,
         )
         unknown = set(kwargs) - set(cfg)

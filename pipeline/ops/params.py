@@ -31,16 +31,19 @@ float32 operations, which is why they agree bit for bit in float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from pipeline.choices import BOX_MODES
+from pipeline.choices import MIX_MODES as MODES  # the op's modes, declared once
 from pipeline.errors import CnmError
 
-MODES = ("cutnmix", "cutmix", "mixup", "none")
-BOX_MODES = ("cutnmix", "cutmix")
+# CIFAR-10's per-channel train mean/std in pixel units: the op's default normalisation
+CIFAR10_MEAN = (125.3, 123.0, 113.9)
+CIFAR10_STD = (63.0, 62.1, 66.7)
 OUT_DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -402,7 +405,3 @@ def make_params(
         box_y=t(box_y, (P, B), torch.int64, 0),
         box_x=t(box_x, (P, B), torch.int64, 0),
     )
-
-
-def params_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(CutNMixParams))
