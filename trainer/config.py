@@ -160,7 +160,7 @@ def field_type(name: str) -> type:
     raise AssertionError(f"unsupported field type {t} for {name}")
 
 
-def _number_or_auto(name: str, value: Any, where: str) -> float | str:
+def _number_or_auto(name: str, value: Any, where: str | None = None) -> float | str:
     """A field that is `"auto"` or a number (from a file: a number; from a flag: its text)."""
     if value == "auto":
         return value
@@ -171,7 +171,7 @@ def _number_or_auto(name: str, value: Any, where: str) -> float | str:
             return float(value)
         except ValueError:
             pass
-    raise CnmError(f"{where}: {flag_name(name)} must be a number or auto, got {value!r}")
+    raise CnmError(f"{where + ': ' if where else ''}{flag_name(name)} must be a number or auto, got {value!r}")
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -259,7 +259,7 @@ def make_config(file_values: Mapping[str, Any] | None = None,
         for k, v in src.items():
             if k not in FIELDS:
                 raise CnmError(f"unknown setting {k!r}")
-            values[k] = _number_or_auto(k, v, "config") if FIELDS[k].metadata.get("number_or_auto") else v
+            values[k] = _number_or_auto(k, v) if FIELDS[k].metadata.get("number_or_auto") else v
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
