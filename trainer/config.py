@@ -121,8 +121,8 @@ class TrainConfig:
     out: str | None = _f(None, "run directory")
     resume: bool = _f(False, "continue the run in --out from its last.pt")
     quiet: bool = _f(False, "plain log lines instead of progress bars")
-    log: str = _f("none", "also log to TensorBoard (RUN/tensorboard; metrics.jsonl is always "
-                  "written)", LOGS)
+    log: str = _f("none", "also log to TensorBoard in RUN/tensorboard (the tensorboard extra: "
+                  "pip install 'cnm[tensorboard]'); metrics.jsonl is always written", LOGS)
     log_every: int = _f(50, "with --log tensorboard: the training loss as the mean of every N steps")
 
     # ------------------------------------------------------------------ derived values

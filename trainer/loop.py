@@ -6,8 +6,8 @@
 An epoch: order from (seed, e), augmentation from (seed, e, rank, step), lr per step from the
 schedule, ramp w(e); no host sync until `read_metrics` at its end (a non-finite loss stops the
 run there); then (every --eval-every epochs and the last) every peer, the ensemble and the
-EMA teacher are evaluated (else the accuracies are null), one row (`ROW_COLUMNS`) is appended to RUN/metrics.jsonl and RUN/last.pt (and best.pt) written
-atomically (trainer/checkpoint.py). A resumed run repeats exactly what the uninterrupted run
+EMA teacher are evaluated (else the accuracies are null), one row (`ROW_COLUMNS`) is appended
+to RUN/metrics.jsonl and RUN/last.pt (and best.pt) written atomically (trainer/checkpoint.py). A resumed run repeats exactly what the uninterrupted run
 would have done (tests/trainer/test_resume.py); rows after the checkpoint's epoch are dropped.
 Several processes (docs/distributed.md): rank 0 decides and alone writes and prints; every rank
 checks its data, starts from rank 0's weights, EMA and momentum, averages gradients through the

@@ -174,7 +174,7 @@ def test_run_record_and_config_json_repeats_the_run(data, tmp_path, capsys, monk
         {k: v for k, v in cfg.items() if k not in ("out", "_record")}
     assert cfg2["_record"]["command"] == f"cnm train --config {first / 'config.json'} --out {again}"
     # without --out: a new run directory under runs/ (the recorded `out` names the old run)
-    code, out, err = run_main(["train", "--config", str(first / "config.json"), "--epochs", "1"], capsys)
+    code, _, err = run_main(["train", "--config", str(first / "config.json"), "--epochs", "1"], capsys)
     assert code == 0, err
     made = list((tmp_path / "runs").iterdir())
     assert len(made) == 1 and made[0].name.startswith("resnet20-p2-") and len(rows_of(made[0])) == 1

@@ -27,8 +27,8 @@ from pipeline.ops.params import MODES
 from tests.syncdetect import SyncDetector
 from tests.trainer.test_step import K, _batch, _make
 from trainer.distributed import GradAllReduce
-from trainer.tblog import StepLossBuffer
 from trainer.step import build_augment, step_seed
+from trainer.tblog import StepLossBuffer
 
 B = 4
 

@@ -45,7 +45,7 @@ def test_resumed_run_counts_the_epochs_before_it():
 
 
 def _epoch(p: Progress, clock: FakeClock, epoch: int, steps: int, step_s: float, device: str):
-    z = torch.zeros(4)
+    z = torch.zeros(())
     p.start_epoch(epoch, steps, 16, torch.device(device))
     for i in range(steps):
         clock.t += step_s
