@@ -9,11 +9,13 @@ import hashlib
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
 
 from cnm.cli import main
+from pipeline import backends
 from pipeline.data.manifest import write_dataset
 from pipeline.data.synthetic import class_names, make_synthetic
 from pipeline.environment import git_info
@@ -201,3 +203,16 @@ def test_resume_without_out_names_the_latest_run(tmp_path, capsys, monkeypatch):
     latest = os.path.join("runs", "resnet20-p2-20260102-000000")
     assert code == 1 and err == (f"error: --resume needs --out RUN (the run directory to continue); the most "
                                  f"recent run is {latest}: --resume --out {latest}\n")
+
+
+def test_log_tensorboard_without_the_package_is_one_line_before_anything_is_written(data, tmp_path, capsys,
+                                                                                     monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    backends.reset_cache()
+    try:
+        code, _, err = run_main(train_args(data, "--log", "tensorboard", "--out", str(tmp_path / "r")), capsys)
+    finally:
+        backends.reset_cache()
+    assert code == 1 and err == ("error: tensorboard is not installed (needed for --log tensorboard): "
+                                 "pip install 'cnm[tensorboard]'\n")
+    assert not (tmp_path / "r").exists()
