@@ -40,7 +40,7 @@ def _options(func):
         else:
             ctype = click.Choice(meta["choices"]) if meta.get("choices") else {
                 int: int, float: float, str: str}[typ]
-            metavar = None if meta.get("choices") else {"data": "DIR", "out": "RUN"}.get(name)
+            metavar = None if meta.get("choices") else meta.get("metavar") or {"data": "DIR", "out": "RUN"}.get(name)
             opt = click.option(flag_name(name), name, type=ctype, default=None, help=help_text,
                                metavar=metavar)
         func = opt(func)

@@ -99,7 +99,7 @@ class TrainConfig:
     temperature: float = _f(3.0, "KD temperature T")
     rampup_epochs: str | float = _f("auto", "epochs over which the KD/FML weight ramps up "
                                     "(exp(-5(1-e/R)^2)); 0 = no ramp; auto: 80/300 of --epochs "
-                                    "(the recipe's 80 of 300)", number_or_auto=True)
+                                    "(the recipe's 80 of 300)", number_or_auto=True, metavar="R|auto")
     ema_decay: float = _f(0.999, "EMA teacher decay")
     # ---- execution
     loader: str = _f("auto", "training data loader", LOADERS)
