@@ -246,7 +246,11 @@ class Progress:
     def summary(self, rows: list[dict], best: dict | None, run_dir: str, archs=None) -> None:
         if not self.enabled or not rows:
             return
-        last = rows[-1]
+        # the last evaluated epoch (the run's last epoch always is, unless --epochs was lowered)
+        last = next((r for r in reversed(rows) if r.get("ensemble_acc") is not None), None)
+        if last is None:
+            self.log(f"done: {run_dir}  (no evaluated epoch)")
+            return
         if self.quiet:
             self.log(f"done: {run_dir}  final ensemble {last['ensemble_acc']:.2f}%"
                      + (f"  teacher ensemble {last['teacher_ensemble_acc']:.2f}%"

@@ -96,3 +96,13 @@ def test_epoch_line_of_an_epoch_not_evaluated():
     assert "train 10.0/20.0  test -  100 img/s" in epoch_line(row, 5)
     row.update(test_acc=[30.0, 40.0], ensemble_acc=45.0, teacher_ensemble_acc=46.0)
     assert "test 30.00/40.00  ens 45.00  teacher-ens 46.00" in epoch_line(row, 5)
+
+
+def test_summary_reads_the_last_evaluated_epoch(capsys):
+    p = Progress(epochs=3, quiet=True)
+    evaluated = {"epoch": 2, "test_acc": [30.0], "ensemble_acc": 31.0, "teacher_ensemble_acc": None, "epoch_s": 1.0}
+    skipped = {"epoch": 3, "test_acc": None, "ensemble_acc": None, "teacher_ensemble_acc": None, "epoch_s": 1.0}
+    p.summary([evaluated, skipped], {"epoch": 2, "ensemble_acc": 31.0}, "runs/x")
+    p.summary([skipped], None, "runs/y")
+    assert capsys.readouterr().out.splitlines() == [
+        "done: runs/x  final ensemble 31.00%  best ensemble 31.00% (epoch 2)", "done: runs/y  (no evaluated epoch)"]
