@@ -40,7 +40,7 @@ def _options(func):
         else:
             ctype = click.Choice(meta["choices"]) if meta.get("choices") else {
                 int: int, float: float, str: str}[typ]
-            metavar = None if meta.get("choices") else {"data": "DIR", "out": "RUN"}.get(name)
+            metavar = None if meta.get("choices") else meta.get("metavar") or {"data": "DIR", "out": "RUN"}.get(name)
             opt = click.option(flag_name(name), name, type=ctype, default=None, help=help_text,
                                metavar=metavar)
         func = opt(func)
@@ -55,7 +55,7 @@ def _options(func):
 @_options
 def train(config_file, **flags):
     """Train P peers with Cut^nMix online distillation (defaults: DESIGN.md's recipe)."""
-    from trainer.config import load_config_file, make_config
+    from trainer.config import command_line, load_config_file, make_config
     from trainer.distributed import launched
     from trainer.loop import train as run_training
 
@@ -64,4 +64,5 @@ def train(config_file, **flags):
     cfg = make_config(file_values, given)
     # under torchrun: join the process group (NCCL on CUDA, gloo on the CPU); otherwise one process
     with launched(cfg.device, cfg.dist_timeout) as comm:
-        run_training(cfg, explicit=set(file_values) | set(given), comm=comm)
+        run_training(cfg, explicit=set(file_values) | set(given), comm=comm,
+                     command=command_line(config_file, given))

@@ -1,6 +1,7 @@
 """The one environment report: versions, CPU, CUDA, git, and which loaders and kernels run here.
 
-`describe()` is what `cnm info` prints; `run_environment(device)` is `describe()` plus the flat
+`describe()` is what `cnm info` prints; `run_record` what a training run records to be repeated
+(RUN/config.json); `run_environment(device)` is `describe()` plus the flat
 keys every `cnm bench` result stores (date, device name, load average, threading variables; see
 bench/report.py for the schema). Neither raises: a back-end that is missing or fails to import is
 reported as such (probed through `pipeline.backends`, which swallows import errors). A torch
@@ -17,6 +18,8 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+
+import tomllib
 
 from pipeline import backends
 
@@ -205,6 +208,32 @@ def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return cpu_model() or "cpu"
+
+
+def cnm_version() -> str | None:
+    """The installed cnm distribution's version, else the checkout's pyproject.toml version."""
+    version = _dist_version("cnm")
+    if version is None:
+        try:
+            version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+        except (OSError, KeyError, ValueError):
+            return None
+    return version
+
+
+def run_record(device, command: str | None = None) -> dict:
+    """What a training run records to be repeated (RUN/config.json `_record`): the command
+    line, cnm version, git commit and dirty flag (None outside a checkout), python, torch,
+    CUDA and cuDNN versions (None on a CPU build), the device (a torch.device or its name)
+    and its name, hostname and date (UTC, ISO)."""
+    device = torch.device(device)
+    git = git_info() or {}
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"command": command, "cnm_version": cnm_version(), "git_commit": git.get("commit"),
+            "git_dirty": git.get("dirty"), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn,
+            "device": str(device), "device_name": device_name(device), "hostname": platform.node(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def run_environment(device) -> dict:

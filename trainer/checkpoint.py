@@ -2,7 +2,8 @@
 
 A run directory (`--out RUN`) holds:
 
-    config.json    the resolved TrainConfig (plus `_resolved`: loader, torch version, ...)
+    config.json    the resolved TrainConfig (plus `_resolved`: loader, sizes; `_record`: command,
+                   versions, git commit, device, dataset manifest checksum)
     metrics.jsonl  one JSON object per finished epoch
     last.pt        state after the last finished epoch (what `--resume` continues from)
     best.pt        state after the epoch with the best test `ensemble_acc`
@@ -36,7 +37,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import platform
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from pipeline.data.manifest import MANIFEST, sha256_file
+from pipeline.environment import run_record
 from pipeline.errors import CnmError
 from trainer.config import resolved_dict
 from trainer.optim import load_momentum, momentum_to_peer_dicts
@@ -157,19 +159,22 @@ def truncate_metrics(path: str | os.PathLike, epochs_done: int) -> list[dict]:
 # ----------------------------------------------------------------------------- a run's state
 
 
-def write_run_config(run) -> None:
+def write_run_config(run, command: str | None = None) -> dict:
     """RUN/config.json: the resolved config of a `trainer.run.Run` plus `_resolved` (what the
-    run picked on this machine: loader, sizes, processes, versions)."""
+    run picked on this machine: loader, sizes, processes) and `_record` (what repeating it
+    needs: `pipeline.environment.run_record` with `command`, and the sha256 of the dataset's
+    manifest.json). Returns the dict written."""
     comm, loader = run.comm, run.loader
     out = resolved_dict(run.cfg, run.res)
     out["_resolved"] = {"loader": loader.name, "num_classes": run.num_classes,
                         "dataset": run.manifest.dataset,
                         "train_images": loader.num_samples * comm.world,
-                        "steps_per_epoch": len(loader), "world": comm.world, "backend": comm.backend,
-                        "torch": torch.__version__, "python": platform.python_version(),
-                        "hostname": platform.node()}
+                        "steps_per_epoch": len(loader), "world": comm.world, "backend": comm.backend}
+    out["_record"] = {**run_record(run.step.device, command),
+                      "manifest_sha256": sha256_file(run.manifest.root / MANIFEST)}
     run.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run.dir / CONFIG, out)
+    return out
 
 
 def checkpoint_meta(state: dict | None) -> dict | None:

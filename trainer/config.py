@@ -2,13 +2,14 @@
 
 The defaults are the online-distillation recipe of DESIGN.md (the CIFAR recipe shared by ONE,
 OKDDip and PCL): 300 epochs, batch 128, SGD momentum 0.9 nesterov, lr 0.1 divided by 10 at 50%
-and 75% of training, weight decay 5e-4, KD temperature 3, consistency ramp-up over 80 epochs,
+and 75% of training, weight decay 5e-4, KD temperature 3, consistency ramp-up over 80 of 300 epochs,
 EMA teacher decay 0.999, Cut^nMix with Beta(1, 1) and mixing probability 0.5.
 
 Every field maps to exactly one flag of `cnm train` (`--field-name`, booleans as
 `--name/--no-name`); `tests/trainer/test_config.py` checks the mapping both ways. Precedence:
-dataclass defaults < `--config FILE.toml` (or a run's `config.json`) < flags given on the
-command line. Unknown keys in a config file fail with one line.
+dataclass defaults < `--config FILE.toml` (or a run's `config.json`, whose record, `out` and
+`resume` are ignored: it repeats that run in a new directory) < flags given on the command
+line. Unknown keys in a config file fail with one line.
 
 Settings whose best value depends on the machine are `"auto"` here and are resolved once by
 `resolve()` (which is what `RUN/config.json` records):
@@ -20,6 +21,7 @@ Settings whose best value depends on the machine are `"auto"` here and are resol
 - `bf16`, `channels_last`, `cuda_graphs`   auto -> on for CUDA, off for CPU.
 - `loader`       auto -> decided by `pipeline.loaders.make_loader("auto", ...)`.
 - `out`          None -> `runs/<arch>-p<P>-<YYYYmmdd-HHMMSS>`.
+- `rampup_epochs` auto -> 80/300 of --epochs (the recipe's 80 of 300).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import datetime as _dt
 import json
 import math
 import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,12 @@ LOADERS = ("auto", "ffcv", "dali", "resident", "cpu")
 DEVICES = ("auto", "cuda", "cpu")
 SCHEDULES = ("step", "cosine")
 SWITCH = ("auto", "on", "off")
+LOGS = ("none", "tensorboard")
+RUNS_DIR = "runs"  # the default parent of run directories (`resolve`)
+# the literature's ramp-up (80 of 300 epochs), scaled to --epochs by `--rampup-epochs auto`
+RAMPUP_FRACTION = 80 / 300
+# keys of a run's config.json that are bookkeeping, not settings (ignored by `--config`)
+RECORD_KEYS = ("_resolved", "_record")
 DEFAULT_DATA = "data/cifar100"  # where the README's `cnm prepare ... --out data/cifar100` writes
 DEFAULT_PEERS = 3
 SEED_LIMIT = 2 ** 63  # seeds are hashed as signed 64-bit integers (pipeline/loaders augment_seed)
@@ -88,8 +97,9 @@ class TrainConfig:
     kd_weight: float = _f(1.0, "weight of the KD term (gamma_kd)")
     fml_weight: float = _f(1.0, "weight of the feature mutual-learning term (gamma_fml)")
     temperature: float = _f(3.0, "KD temperature T")
-    rampup_epochs: float = _f(80.0, "epochs over which the KD/FML weight ramps up "
-                              "(exp(-5(1-e/R)^2)); 0 = no ramp")
+    rampup_epochs: str | float = _f("auto", "epochs over which the KD/FML weight ramps up "
+                                    "(exp(-5(1-e/R)^2)); 0 = no ramp; auto: 80/300 of --epochs "
+                                    "(the recipe's 80 of 300)", number_or_auto=True, metavar="R|auto")
     ema_decay: float = _f(0.999, "EMA teacher decay")
     # ---- execution
     loader: str = _f("auto", "training data loader", LOADERS)
@@ -99,6 +109,8 @@ class TrainConfig:
     cuda_graphs: str = _f("auto", "capture the whole train step in one CUDA graph "
                           "(auto: on for CUDA)", SWITCH)
     seed: int = _f(0, "random seed (initialisation, data order, augmentation)")
+    eval_every: int = _f(1, "evaluate every N epochs (the last epoch always; the others have null "
+                         "accuracies in metrics.jsonl and cannot become best.pt)")
     limit_train: int | None = _f(None, "train on the first N training images only (quick runs)")
     # ---- several processes (torchrun; README "Several GPUs, several machines")
     sync_bn: bool = _f(False, "synchronise BatchNorm statistics over all processes of a torchrun "
@@ -109,6 +121,9 @@ class TrainConfig:
     out: str | None = _f(None, "run directory")
     resume: bool = _f(False, "continue the run in --out from its last.pt")
     quiet: bool = _f(False, "plain log lines instead of progress bars")
+    log: str = _f("none", "also log to TensorBoard in RUN/tensorboard (the tensorboard extra: "
+                  "pip install 'cnm[tensorboard]'); metrics.jsonl is always written", LOGS)
+    log_every: int = _f(50, "with --log tensorboard: the training loss as the mean of every N steps")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -145,8 +160,24 @@ def field_type(name: str) -> type:
     raise AssertionError(f"unsupported field type {t} for {name}")
 
 
+def _number_or_auto(name: str, value: Any, where: str | None = None) -> float | str:
+    """A field that is `"auto"` or a number (from a file: a number; from a flag: its text)."""
+    if value == "auto":
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise CnmError(f"{where + ': ' if where else ''}{flag_name(name)} must be a number or auto, got {value!r}")
+
+
 def _coerce(name: str, value: Any, where: str) -> Any:
     """Check/convert one value from a config file to the field's type (one-line errors)."""
+    if FIELDS[name].metadata.get("number_or_auto"):
+        return _number_or_auto(name, value, where)
     typ = field_type(name)
     optional = "None" in str(FIELDS[name].type)
     if value is None:
@@ -185,7 +216,11 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise CnmError(f"{p}: cannot parse config file ({e.__class__.__name__}: {e})") from None
     if not isinstance(raw, dict):
         raise CnmError(f"{p}: config file must hold a table of settings")
-    raw.pop("_resolved", None)  # bookkeeping written into RUN/config.json
+    if any(k in raw for k in RECORD_KEYS):
+        # a run's config.json: its record and resolved facts are not settings, and its `out` /
+        # `resume` name that run, so repeating it (`--config RUN/config.json`) starts a new one
+        for key in (*RECORD_KEYS, "out", "resume"):
+            raw.pop(key, None)
     out: dict[str, Any] = {}
     unknown = []
     for key, value in raw.items():
@@ -200,6 +235,22 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def command_line(config_file: str | None, given: Mapping[str, Any]) -> str:
+    """The `cnm train` command of a config file and the flags given (field -> value), in field
+    order, quoted for a POSIX shell: what RUN/config.json records as `_record.command`."""
+    words = ["cnm", "train"] + (["--config", str(config_file)] if config_file else [])
+    for name in [n for n in FIELDS if n in given]:
+        value = given[name]
+        if field_type(name) is bool:
+            if name in ("resume", "quiet"):
+                words += [flag_name(name)] if value else []
+            else:
+                words.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
+        else:
+            words += [flag_name(name), str(value)]
+    return shlex.join(words)
+
+
 def make_config(file_values: Mapping[str, Any] | None = None,
                 overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """Defaults, then a config file's values, then command-line overrides (already typed)."""
@@ -208,7 +259,7 @@ def make_config(file_values: Mapping[str, Any] | None = None,
         for k, v in src.items():
             if k not in FIELDS:
                 raise CnmError(f"unknown setting {k!r}")
-            values[k] = v
+            values[k] = _number_or_auto(k, v) if FIELDS[k].metadata.get("number_or_auto") else v
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
@@ -221,9 +272,12 @@ def validate(cfg: TrainConfig) -> None:
         if choices and getattr(cfg, name) not in choices:
             raise CnmError(f"{flag_name(name)} must be one of {', '.join(choices)}, "
                            f"got {getattr(cfg, name)!r}")
-    for name in FIELDS:  # nan and inf pass every range test below, so they are refused first
+    for name, f in FIELDS.items():  # nan and inf pass every range test below, so they are refused first
         value = getattr(cfg, name)
-        if field_type(name) is float and value is not None and not math.isfinite(value):
+        if f.metadata.get("number_or_auto") and value != "auto" and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise CnmError(f"{flag_name(name)} must be a number or auto, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
             raise CnmError(f"{flag_name(name)} must be a finite number, got {value}")
     if not 0 <= cfg.seed < SEED_LIMIT:
         raise CnmError(f"--seed must be an integer in [0, 2**63), got {cfg.seed}")
@@ -246,7 +300,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.kd_weight >= 0, f"--kd-weight must be >= 0, got {cfg.kd_weight}"),
         (cfg.fml_weight >= 0, f"--fml-weight must be >= 0, got {cfg.fml_weight}"),
         (cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}"),
-        (cfg.rampup_epochs >= 0, f"--rampup-epochs must be >= 0, got {cfg.rampup_epochs}"),
+        (cfg.rampup_epochs == "auto" or cfg.rampup_epochs >= 0,
+         f"--rampup-epochs must be >= 0 or auto, got {cfg.rampup_epochs}"),
+        (cfg.eval_every >= 1, f"--eval-every must be >= 1, got {cfg.eval_every}"),
+        (cfg.log_every >= 1, f"--log-every must be >= 1, got {cfg.log_every}"),
         (0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
         (cfg.limit_train is None or cfg.limit_train >= 1,
          f"--limit-train must be >= 1, got {cfg.limit_train}"),
@@ -269,6 +326,7 @@ class Resolved:
     cuda_graphs: bool
     archs: tuple[str, ...]
     out: str
+    rampup_epochs: float  # --rampup-epochs auto: RAMPUP_FRACTION * epochs
 
 
 def _switch(value: str, default: bool) -> bool:
@@ -312,10 +370,24 @@ def resolve(cfg: TrainConfig, *, now: _dt.datetime | None = None, world: int = 1
     if out is None:
         stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
         tag = "+".join(dict.fromkeys(archs))
-        out = f"runs/{tag}-p{len(archs)}-{stamp}"
+        out = f"{RUNS_DIR}/{tag}-p{len(archs)}-{stamp}"
     return Resolved(device=device, peer_exec=peer_exec, bf16=_switch(cfg.bf16, on_cuda),
                     channels_last=_switch(cfg.channels_last, on_cuda), cuda_graphs=cuda_graphs,
-                    archs=archs, out=out)
+                    archs=archs, out=out, rampup_epochs=resolve_rampup(cfg.rampup_epochs, cfg.epochs))
+
+
+def resolve_rampup(rampup_epochs: float | str, epochs: int) -> float:
+    """`--rampup-epochs`: a number as given; auto: the recipe's 80 of 300 epochs scaled to
+    `epochs` (RAMPUP_FRACTION * epochs, e.g. 8.0 for 30 epochs)."""
+    return RAMPUP_FRACTION * epochs if rampup_epochs == "auto" else float(rampup_epochs)
+
+
+def latest_run(parent: str | os.PathLike = RUNS_DIR, checkpoint: str = "last.pt") -> Path | None:
+    """The run directory under `parent` (the default parent of --out) whose `checkpoint` was
+    written last, or None when there is none: what `--resume` without `--out` suggests."""
+    p = Path(parent)
+    found = [c for c in p.glob(f"*/{checkpoint}") if c.is_file()] if p.is_dir() else []
+    return max(found, key=lambda c: c.stat().st_mtime).parent if found else None
 
 
 def resolved_dict(cfg: TrainConfig, res: Resolved) -> dict[str, Any]:
@@ -326,5 +398,5 @@ def resolved_dict(cfg: TrainConfig, res: Resolved) -> dict[str, Any]:
              bf16="on" if res.bf16 else "off",
              channels_last="on" if res.channels_last else "off",
              cuda_graphs="on" if res.cuda_graphs else "off",
-             peers=len(res.archs), resume=False)
+             peers=len(res.archs), resume=False, rampup_epochs=res.rampup_epochs)
     return d

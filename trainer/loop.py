@@ -5,9 +5,9 @@
 
 An epoch: order from (seed, e), augmentation from (seed, e, rank, step), lr per step from the
 schedule, ramp w(e); no host sync until `read_metrics` at its end (a non-finite loss stops the
-run there); then every peer, the ensemble and the EMA teacher are evaluated, one row
-(`ROW_COLUMNS`) is appended to RUN/metrics.jsonl and RUN/last.pt (and best.pt) written
-atomically (trainer/checkpoint.py). A resumed run repeats exactly what the uninterrupted run
+run there); then (every --eval-every epochs and the last) every peer, the ensemble and the
+EMA teacher are evaluated (else the accuracies are null), one row (`ROW_COLUMNS`) is appended
+to RUN/metrics.jsonl and RUN/last.pt (and best.pt) written atomically (trainer/checkpoint.py). A resumed run repeats exactly what the uninterrupted run
 would have done (tests/trainer/test_resume.py); rows after the checkpoint's epoch are dropped.
 Several processes (docs/distributed.md): rank 0 decides and alone writes and prints; every rank
 checks its data, starts from rank 0's weights, EMA and momentum, averages gradients through the
@@ -22,6 +22,7 @@ import time
 from pipeline.data.manifest import images_file, labels_file, load_manifest
 from pipeline.errors import CnmError
 from trainer import checkpoint as ckpt
+from trainer import tblog
 from trainer.config import TrainConfig
 from trainer.distributed import Comm
 from trainer.losses import rampup
@@ -82,8 +83,9 @@ def _check_data_everywhere(cfg: TrainConfig, comm: Comm):
 
 
 def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | None = None,
-          console=None) -> dict:
-    """Run (or resume) a training run; returns {"run", "epochs", "last", "best", "rows"}."""
+          console=None, command: str | None = None) -> dict:
+    """Run (or resume) a training run; returns {"run", "epochs", "last", "best", "rows"}.
+    `command`: the command line recorded in RUN/config.json."""
     comm = comm or Comm()
     cfg, meta, state = _decide(cfg, explicit, comm)
     manifest = _check_data_everywhere(cfg, comm)
@@ -91,11 +93,15 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
         raise CnmError(f"{cfg.data}: {manifest.num_classes} classes, but the checkpoint was trained on "
                        f"{meta['num_classes']}")
     run = build_run(cfg, comm, manifest)
+    tb = None
     try:
         start_epoch, rows, best = resume(run, state, meta)
         del state                                  # its tensors are in the models now
+        tb = tblog.for_run(run) if comm.is_main and cfg.log == "tensorboard" else None
         if comm.is_main:
-            ckpt.write_run_config(run)
+            config = ckpt.write_run_config(run, command)
+            if tb is not None:
+                tb.hparams(config)
         progress = Progress(epochs=cfg.epochs, quiet=cfg.quiet, enabled=comm.is_main, console=console)
         _announce(run, progress, start_epoch, resumed=meta is not None)
         for epoch in range(start_epoch, cfg.epochs):
@@ -104,13 +110,16 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
                 kept = (f"last good checkpoint {run.dir / ckpt.LAST} (epoch {rows[-1]['epoch'] if rows else start_epoch})"
                         if (run.dir / ckpt.LAST).exists() else "no checkpoint was written")
                 raise CnmError(f"non-finite loss at epoch {epoch + 1}, step {m['bad_step'] + 1}: stopped; {kept}")
-            row = _metrics_row(m["row"], validate(run))
-            is_best = best is None or row["ensemble_acc"] > best["ensemble_acc"]
+            evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+            row = _metrics_row(m["row"], validate(run) if evaluated else NOT_EVALUATED)
+            is_best = evaluated and (best is None or row["ensemble_acc"] > best["ensemble_acc"])
             if is_best:
                 best = {"epoch": row["epoch"], "ensemble_acc": row["ensemble_acc"]}
             if comm.is_main:
                 rows.append(row)
                 ckpt.append_jsonl(run.dir / ckpt.METRICS, row)
+                if tb is not None:
+                    tb.epoch(row, run.step.loss_buffer)
                 saved = ckpt.run_state(run, epoch=epoch + 1, global_step=row["global_step"], lr=row["lr"],
                                        row=row, best=best)
                 ckpt.save_epoch(run.dir, saved, is_best)
@@ -118,6 +127,8 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
             comm.barrier()
     finally:
         run.loader.close()
+        if tb is not None:
+            tb.close()
     progress.summary(rows, best, str(run.dir), archs=list(run.res.archs))
     return {"run": str(run.dir), "epochs": cfg.epochs, "last": rows[-1] if rows else None, "best": best,
             "rows": rows}
@@ -154,6 +165,11 @@ def resume(run: Run, state: dict | None, meta: dict | None) -> tuple[int, list[d
     return start_epoch, rows, meta.get("best")
 
 
+# the test part of a row of an epoch not evaluated (--eval-every)
+NOT_EVALUATED = {"test_acc": None, "ensemble_acc": None, "teacher_acc": None, "teacher_ensemble_acc": None,
+                 "eval_s": 0.0}
+
+
 def _metrics_row(train_part: dict, test_part: dict) -> dict:
     both = {**train_part, **test_part}
     return {k: both[k] for k in ROW_COLUMNS}
@@ -163,8 +179,8 @@ def _announce(run: Run, progress: Progress, start_epoch: int, resumed: bool) -> 
     cfg, res, comm, loader = run.cfg, run.res, run.comm, run.loader
     if not resumed:
         progress.log(f"run {run.dir}: {len(res.archs)} x {','.join(dict.fromkeys(res.archs))} ({res.peer_exec}) "
-                     f"on {res.device}, {loader.num_samples * comm.world} train images/epoch via "
-                     f"{loader.name}, {cfg.epochs} epochs")
+                     f"on {res.device}; data {cfg.data} ({run.manifest.dataset}, {run.num_classes} classes), "
+                     f"{loader.num_samples * comm.world} train images/epoch via {loader.name}; {cfg.epochs} epochs")
     else:
         progress.log(f"resuming {run.dir} at epoch {start_epoch + 1}/{cfg.epochs}")
     if comm.world > 1:
@@ -182,7 +198,7 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress) -> dict:
     cfg, comm, loader, step = run.cfg, run.comm, run.loader, run.step
     steps_per_epoch = len(loader)
     fault = comm.fault_injector()                  # CNM_FAULT testing hook (None normally)
-    ramp = rampup_weight(epoch, cfg.rampup_epochs)
+    ramp = rampup_weight(epoch, run.res.rampup_epochs)
     loader.set_epoch(epoch)
     step.reset_metrics()
     step.set_ramp(ramp)

@@ -26,7 +26,7 @@ from trainer.checkpoint import CONFIG, METRICS, read_jsonl
 from trainer.config import DEFAULTS, FIELDS, flag_name
 
 # settings that name or steer a run's bookkeeping, not what it computes (epochs: shown as done/total)
-NOT_COMPARED = ("out", "resume", "quiet", "data", "epochs")
+NOT_COMPARED = ("out", "resume", "quiet", "data", "epochs", "log", "log_every", "eval_every")
 # what `_resolved` in config.json adds that changes the result (dataset and its size, processes)
 RESOLVED_COMPARED = ("dataset", "num_classes", "train_images", "world", "loader")
 

@@ -20,7 +20,7 @@ from pipeline.loaders import choose_auto, make_loader
 from pipeline.loaders.base import BatchLoader
 from pipeline.ops import CutNMix
 from trainer import checkpoint as ckpt
-from trainer.config import Resolved, TrainConfig, make_config, resolve
+from trainer.config import Resolved, TrainConfig, latest_run, make_config, resolve
 from trainer.distributed import Comm, convert_sync_batchnorm
 from trainer.evaluate import Evaluator
 from trainer.peers import PeerSet, build_peers
@@ -54,7 +54,9 @@ def prepare_run(cfg: TrainConfig, explicit: set[str] | None = None) -> tuple[Tra
     if not cfg.resume:
         return cfg, None
     if cfg.out is None:
-        raise CnmError("--resume needs --out RUN (the run directory to continue)")
+        latest = latest_run(checkpoint=ckpt.LAST)
+        raise CnmError("--resume needs --out RUN (the run directory to continue)"
+                       + (f"; the most recent run is {latest}: --resume --out {latest}" if latest else ""))
     run = Path(cfg.out)
     last = run / ckpt.LAST
     if not last.is_file():

@@ -145,7 +145,8 @@ class TrainStep:
     int64 [B])` on `device`, or with `host_augment=True` the CPU-augment loader's `(views
     [P,B,3,32,32], y_a, y_b, lam)`. Before steps: `set_lr(x)` and `set_ramp(w)` (host floats,
     written to device tensors). Per epoch: `reset_metrics()`, then `read_metrics()` (the one host
-    sync).
+    sync). With `loss_buffer` set (a `trainer.tblog.StepLossBuffer`), every step also records its
+    total loss there (device ops only).
 
     `grad_hook`: an optional callable run between backward and the optimiser step, on the
     gradients in place (a data-parallel gradient all-reduce); with CUDA graphs the step is then
@@ -188,6 +189,7 @@ class TrainStep:
         self.steps_done = torch.zeros((), dtype=torch.float32, device=dev)
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
         self.grad_hook = grad_hook
+        self.loss_buffer = None                  # a trainer.tblog.StepLossBuffer (--log tensorboard)
         self._graphs: list | None = None
         self._graph_grads: list | None = None    # the gradient tensors the graphs use
         self._eager_since_capture = False
@@ -288,6 +290,8 @@ class TrainStep:
             self.steps_done += 1
             bad = ~torch.isfinite(total.detach())
             self.bad_step.copy_(torch.where(bad & (self.bad_step < 0), self.epoch_step_t, self.bad_step))
+            if self.loss_buffer is not None:     # at the global step this step completes
+                self.loss_buffer.record(total.detach(), self.global_step_t + 1)
 
     def _update(self) -> None:
         """SGD, EMA and the step counters (part B of a step)."""
@@ -341,7 +345,9 @@ class TrainStep:
         return (_state_tensors(self.peerset) + _state_tensors(self.teacher)
                 + self.optimizer.state_tensors()
                 + [self.global_step_t, self.epoch_step_t, self.loss_sums, self.correct, self.seen,
-                   self.steps_done, self.bad_step])
+                   self.steps_done, self.bad_step]
+                + ([] if self.loss_buffer is None else
+                   [self.loss_buffer.loss, self.loss_buffer.step, self.loss_buffer.count]))
 
     def release_graph(self) -> None:
         """Drop the captured graph(s) and static buffers (the next step captures again)."""

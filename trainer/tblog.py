@@ -165,3 +165,13 @@ class TensorBoardLog:
         """Write an unfinished loss block and close the event file."""
         self._write_block()
         self.writer.close()
+
+
+def for_run(run) -> TensorBoardLog:
+    """`--log tensorboard` for a `trainer.run.Run`: the log in RUN/tensorboard (per-step loss
+    blocks of `--log-every` steps), and a `StepLossBuffer` of one epoch's steps installed as the
+    step's `loss_buffer` (read once per epoch by `TensorBoardLog.epoch`). A missing tensorboard
+    package fails here, before anything is written."""
+    tb = TensorBoardLog(run.dir / "tensorboard", loss_every=run.cfg.log_every)
+    run.step.loss_buffer = StepLossBuffer(len(run.loader), run.step.device)
+    return tb

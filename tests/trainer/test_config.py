@@ -13,10 +13,12 @@ from trainer.config import (
     DEFAULTS,
     FIELDS,
     TrainConfig,
+    command_line,
     flag_name,
     load_config_file,
     make_config,
     resolve,
+    resolve_rampup,
     resolved_dict,
 )
 from trainer.models import MODELS
@@ -25,7 +27,7 @@ from trainer.models import MODELS
 def test_defaults_are_the_design_recipe():
     c = TrainConfig()
     assert (c.epochs, c.batch_size, c.lr, c.momentum, c.nesterov, c.weight_decay) == (300, 128, 0.1, 0.9, True, 5e-4)
-    assert (c.schedule, c.temperature, c.rampup_epochs, c.ema_decay) == ("step", 3.0, 80.0, 0.999)
+    assert (c.schedule, c.temperature, c.rampup_epochs, c.ema_decay) == ("step", 3.0, "auto", 0.999)
     assert (c.mix, c.alpha, c.mix_prob, c.teacher, c.fml) == ("cutnmix", 1.0, 0.5, "ema", True)
     assert (c.kd_weight, c.fml_weight, c.arch, c.num_peers, c.seed) == (1.0, 1.0, "resnet32", 3, 0)
     assert (c.data, c.out, c.limit_train, c.loader, c.device) == ("data/cifar100", None, None, "auto", "auto")
@@ -116,3 +118,44 @@ def test_resolved_config_json_round_trips(tmp_path):
 def test_arch_help_lists_every_architecture():
     help_text = FIELDS["arch"].metadata["help"]
     assert all(name in help_text for name in MODELS), help_text
+
+
+def test_rampup_auto_is_80_of_300_epochs_scaled():
+    assert resolve_rampup("auto", 300) == pytest.approx(80.0) and resolve_rampup("auto", 30) == pytest.approx(8.0)
+    assert resolve_rampup(5, 30) == 5.0 and resolve_rampup(0.0, 30) == 0.0
+    cfg = make_config(None, {"arch": "resnet20", "epochs": 30, "out": "x"})
+    assert cfg.rampup_epochs == "auto" and resolved_dict(cfg, resolve(cfg))["rampup_epochs"] == pytest.approx(8.0)
+    assert make_config(None, {"rampup_epochs": "12.5"}).rampup_epochs == 12.5      # a flag's text
+    for bad, msg in (("soon", "--rampup-epochs must be a number or auto, got 'soon'"),
+                     ("-1", "--rampup-epochs must be >= 0 or auto, got -1.0"),
+                     ("nan", "--rampup-epochs must be a finite number")):
+        with pytest.raises(CnmError, match=msg):
+            make_config(None, {"rampup_epochs": bad})
+    for kw, msg in (({"eval_every": 0}, "--eval-every must be >= 1"), ({"log_every": 0}, "--log-every must be >= 1"),
+                    ({"log": "wandb"}, "--log must be one of none, tensorboard")):
+        with pytest.raises(CnmError, match=msg):
+            make_config(None, kw)
+
+
+def test_a_runs_config_json_drops_its_record_out_and_resume(tmp_path):
+    cfg = make_config(None, {"arch": "resnet20", "epochs": 3, "out": "runs/old", "eval_every": 2})
+    d = resolved_dict(cfg, resolve(cfg))
+    d.update(_resolved={"loader": "resident"}, _record={"command": "cnm train"}, resume=True)
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(d))
+    vals = load_config_file(p)
+    assert "out" not in vals and "resume" not in vals and vals["eval_every"] == 2
+    assert vals["rampup_epochs"] == pytest.approx(0.8)          # the resolved value, repeated as is
+    toml = tmp_path / "c.toml"                                  # a TOML file's out is a setting
+    toml.write_text('out = "runs/x"\nrampup-epochs = "auto"\n')
+    assert load_config_file(toml) == {"out": "runs/x", "rampup_epochs": "auto"}
+    toml.write_text("rampup_epochs = true\n")
+    with pytest.raises(CnmError, match="--rampup-epochs must be a number or auto, got True"):
+        load_config_file(toml)
+
+
+def test_command_line_of_the_flags_given():
+    given = {"quiet": True, "fml": False, "epochs": 2, "data": "my data", "resume": False, "nesterov": True}
+    assert command_line("c.toml", given) == ("cnm train --config c.toml --data 'my data' --epochs 2 --nesterov "
+                                             "--no-fml --quiet")
+    assert command_line(None, {}) == "cnm train"

@@ -5,8 +5,8 @@ aten op that would make the host wait for a device value (also those run inside 
 like a 0-d tensor bound to a `Scalar`) and every `.cpu()/.numpy()/.tolist()`. Each axis of the
 trainer's settings takes each of its values in at least one configuration below (peer-exec,
 teacher, FML, mix mode, gradient hook, bf16, channels-last, mixed architectures, input form);
-then the augmentation draw and apply on their own, and a resident-loader epoch. Tiny models
-and batches (resnet20/32, batch 4) keep the matrix fast.
+then steps recording the TensorBoard loss buffer, the augmentation draw and apply on their own,
+and a resident-loader epoch. Tiny models and batches (resnet20/32, batch 4) keep the matrix fast.
 
 The augmentation runs its torch implementation (`impl="torch"`): the op's CPU default, the
 numba kernel, reads the host tensors through `.numpy()` (no sync on the CPU, where the data
@@ -28,6 +28,7 @@ from tests.syncdetect import SyncDetector
 from tests.trainer.test_step import K, _batch, _make
 from trainer.distributed import GradAllReduce
 from trainer.step import build_augment, step_seed
+from trainer.tblog import StepLossBuffer
 
 B = 4
 
@@ -37,7 +38,7 @@ class _FakeComm:
 
     world = 2
 
-    def all_reduce_sum(self, t):
+    def all_reduce_sum(self, t, *, block=True):   # Comm's signature (block: wait for the collective)
         return t.mul_(2.0)
 
 
@@ -108,6 +109,23 @@ def test_train_steps_do_not_sync(config):
     assert m["steps"] == 2 and m["global_step"] == 2 and m["bad_step"] == -1
     assert all(0.0 <= a <= 100.0 for a in m["train_acc"]) and len(m["train_acc"]) == step.P == 2
     assert m["loss"] > 0 and m["ce"] > 0 and (m["kd"] > 0) == (teacher != "none") and (m["fml"] > 0) == fml
+
+
+def test_train_steps_with_the_tensorboard_loss_buffer_do_not_sync():
+    """--log tensorboard: the step records its loss into a StepLossBuffer, still without a sync;
+    the buffer then holds every step's total loss (their mean is the epoch's `loss`)."""
+    step = _make(impl="torch")
+    step.loss_buffer = StepLossBuffer(4, "cpu")
+    step.set_global_step(5)
+    step.reset_metrics()
+    with SyncDetector() as det:
+        for i in range(3):
+            step(*_batch(i, b=B), epoch=0, step=i)
+    assert det.ops == [], det.ops
+    steps, losses, dropped = step.loss_buffer.read()
+    m = step.read_metrics()
+    assert steps.tolist() == [6, 7, 8] and dropped == 0 and m["global_step"] == 8
+    assert float(losses.mean()) == pytest.approx(m["loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("mix", MODES)
