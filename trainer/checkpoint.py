@@ -57,6 +57,7 @@ from trainer.rundir import (  # noqa: F401 -- the run's file names, re-exported 
     LAST,
     METRICS,
     PREV,
+    check_state,
     load_verified,
     require_keys,
     save_verified,
@@ -204,13 +205,29 @@ def run_state(run, *, epoch: int, global_step: int, lr: float, row: dict, best: 
     })
 
 
-def restore_state(run, state: dict) -> None:
+def check_peer_states(peers, states, what: str) -> None:
+    """`states` (a checkpoint's per-peer state dicts) fit `peers` (a PeerSet) tensor by tensor,
+    else one CnmError line naming `what`, the peer and the first missing or misshapen tensor."""
+    mine = peers.peer_state_dicts()
+    if not isinstance(states, list) or len(states) != len(mine):
+        n = len(states) if isinstance(states, list) else "no list of"
+        raise CnmError(f"{what}: {n} peers in the checkpoint, {len(mine)} in the model")
+    for k, (expected, got) in enumerate(zip(mine, states)):
+        if not isinstance(got, dict):
+            raise CnmError(f"{what}: peer {k} is a {type(got).__name__}, not a state dict")
+        check_state(expected, got, f"{what}, peer {k}")
+
+
+def restore_state(run, state: dict, source: str = "the checkpoint") -> None:
     """Load a checkpoint's peers, EMA teacher and momentum into a freshly built run (in place).
-    A run resumed with an EMA teacher its checkpoint lacks starts the teacher from the peers."""
+    A run resumed with an EMA teacher its checkpoint lacks starts the teacher from the peers.
+    A tensor missing or of another shape is one line naming it (`source`: the file)."""
+    check_peer_states(run.peers, state["peers"], source)
     run.peers.load_peer_state_dicts(state["peers"])
     if run.teacher is not None:
-        run.teacher.module.load_peer_state_dicts(state["teacher"] if state.get("teacher") is not None
-                                                 else state["peers"])
+        teacher = state["teacher"] if state.get("teacher") is not None else state["peers"]
+        check_peer_states(run.teacher.module, teacher, f"{source} (EMA teacher)")
+        run.teacher.module.load_peer_state_dicts(teacher)
     load_momentum(run.peers, run.step.optimizer, state["optimizer"]["momentum"])
 
 

@@ -141,10 +141,12 @@ def evaluate_checkpoint(run_or_checkpoint, *, data: str | None = None, device: s
                        ("cpu" if device == "auto" else device))
     archs = list(state["archs"])
     peers = build_peers(archs, state["num_classes"], peer_exec="loop")
+    ckpt.check_peer_states(peers, state["peers"], str(path))
     peers.load_peer_state_dicts(state["peers"])
     teacher = None
     if state.get("teacher") is not None:
         teacher = build_peers(archs, state["num_classes"], peer_exec="loop")
+        ckpt.check_peer_states(teacher, state["teacher"], f"{path} (EMA teacher)")
         teacher.load_peer_state_dicts(state["teacher"])
         teacher = teacher.to(dev)
     peers = peers.to(dev)

@@ -201,7 +201,7 @@ def resume(run: Run, state: dict | None, meta: dict | None) -> tuple[int, list[d
     EMA and momentum; returns (first epoch to run, metrics rows kept, best so far)."""
     comm = run.comm
     if state is not None:
-        ckpt.restore_state(run, state)
+        ckpt.restore_state(run, state, str(run.dir / ckpt.LAST))
     comm.sync_module(run.peers)                    # every rank starts from rank 0's weights
     comm.sync_module(run.teacher.module if run.teacher is not None else None)
     if meta is None:
