@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -197,16 +198,19 @@ def test_corrupt_last_pt_names_the_good_one_and_kill_9_litter_is_removed(referen
     assert litter.is_file()
 
     code, out, err = cnm(["train", "--out", run, "--resume", "--quiet"], capsys)
-    prev = run / "prev.pt"
     one_error(code, err, f"{last}: corrupt: its bytes do not match its sha256 checksum",
-              f"prev.pt (epoch {EPOCHS - 1}) verifies", f"`cp {prev} {last}` then `cnm train --out {run} --resume`")
+              f"` then `cnm train --out {run} --resume`")
+    # the newest checkpoint that verifies: best.pt when epoch 3 was the best, else prev.pt (epoch 2)
+    good = run / re.search(r"; (\w+\.pt) \(epoch \d\) verifies: to resume from it, `cp ", err)[1]
+    assert f"`cp {good} {last}`" in err and good.name in ("best.pt", "prev.pt")
     assert not litter.exists() and f"removed 1 temporary file(s) left by a killed run: {litter.name}" in out
     code, _, err = cnm(["eval", last, "--device", "cpu", "--quiet"], capsys)
     one_error(code, err, f"{last}: corrupt")
-    # following the advice loses nothing: epoch 3 is trained again, to the same metrics
-    shutil.copyfile(prev, last)
+    # following the advice loses nothing (from prev.pt, epoch 3 is trained again): the same metrics
+    epoch = ckpt.load_checkpoint(good)["epoch"]
+    shutil.copyfile(good, last)
     out = _resume_to_the_end(run, capsys, reference)
-    assert f"resuming {run}: {EPOCHS - 1}/{EPOCHS} epochs done" in out
+    assert f"{epoch}/{EPOCHS} epochs" in out
     # 9: resuming a finished run says so; --epochs says what changed
     code, out, _ = cnm(["train", "--out", run, "--resume", "--quiet"], capsys)
     assert code == 0 and f"{run}: the run is complete ({EPOCHS}/{EPOCHS} epochs)" in out
