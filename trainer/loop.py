@@ -31,7 +31,7 @@ from trainer.progress import Progress
 from trainer.run import Run, build_run, decide_run
 from trainer.rundir import LOCK, RunLock, clean_litter
 from trainer.schedule import lr_at
-from trainer.signals import Interrupted, Stop, graceful_stop, resume_hint
+from trainer.signals import Stop, graceful_stop, resume_hint
 
 # The columns of a metrics row, in the order written: epoch (finished epochs, 1-based), lr (at the
 # epoch's first step), ramp w(e), loss (per step, summed over peers), ce / kd / fml (per step,
@@ -83,8 +83,8 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
     """Run (or resume) a training run; returns {"run", "epochs", "last", "best", "rows"}.
 
     Rank 0 holds the run directory's lock (trainer/rundir.py) from before it reads the
-    directory to the end; SIGTERM/SIGINT stop the run at the end of a step (trainer/signals.py:
-    exit 143/130 with the resume command)."""
+    directory to the end; in one process SIGTERM/SIGINT stop the run at the end of a step
+    (trainer/signals.py: exit 143/130 with the resume command)."""
     comm = comm or Comm()
     with contextlib.ExitStack() as held:
         cfg, meta, state = _decide(cfg, explicit, comm, held)
@@ -99,7 +99,12 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
         progress = Progress(epochs=cfg.epochs, quiet=cfg.quiet, enabled=comm.is_main, console=console)
         _announce(run, progress, start_epoch, meta)
         done = start_epoch
-        with graceful_stop(lambda: resume_hint(run.dir, done, cfg.epochs), report=comm.is_main) as stop:
+        # one process: SIGTERM/Ctrl-C stop after the current step. Under torchrun the signals keep
+        # their default action: torchrun sends SIGTERM when another process failed, and a rank
+        # blocked in a collective could not act on a flag (the atomic checkpoints stay intact)
+        stopping = (graceful_stop(lambda: resume_hint(run.dir, done, cfg.epochs)) if comm.world == 1
+                    else contextlib.nullcontext(None))
+        with stopping as stop:
             for epoch in range(start_epoch, cfg.epochs):
                 m = train_one_epoch(run, epoch, progress, stop)
                 if m["bad_step"] >= 0:
@@ -120,19 +125,9 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
                 done = epoch + 1
                 progress.report(row)
                 comm.barrier()
-                if comm.world > 1:                 # the ranks stop together, after the same epoch
-                    _stop_together(comm, stop)
             progress.summary(rows, best, str(run.dir), archs=list(run.res.archs))
     return {"run": str(run.dir), "epochs": cfg.epochs, "last": rows[-1] if rows else None, "best": best,
             "rows": rows}
-
-
-def _stop_together(comm: Comm, stop) -> None:
-    """Under torchrun a stop signal is acted on at an epoch's end, when rank 0 got one (the
-    ranks may get it at different steps); a second signal still abandons at once."""
-    signum = comm.broadcast_object(stop.signum)
-    if signum is not None:
-        raise Interrupted(signum)
 
 
 def _check_resumed_data(cfg: TrainConfig, meta: dict | None, manifest, explicit: set[str] | None):
@@ -258,8 +253,8 @@ def _announce(run: Run, progress: Progress, start_epoch: int, meta: dict | None)
 
 def train_one_epoch(run: Run, epoch: int, progress: Progress, stop: Stop | None = None) -> dict:
     """The training steps of `epoch` (no host sync until its end). Returns the step's
-    `read_metrics` (summed over processes) plus "row": the epoch's training columns. With one
-    process, a stop signal (`stop`) ends the epoch after the current step (Interrupted)."""
+    `read_metrics` (summed over processes) plus "row": the epoch's training columns. A stop
+    signal (`stop`, one process only) ends the epoch after the current step (Interrupted)."""
     cfg, comm, loader, step = run.cfg, run.comm, run.loader, run.step
     steps_per_epoch = len(loader)
     fault = comm.fault_injector()                  # CNM_FAULT testing hook (None normally)
@@ -276,7 +271,7 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress, stop: Stop | None 
             step.set_lr(lr_at(cfg.schedule, cfg.lr, cfg.epochs, epoch, i, steps_per_epoch))
             step(*batch, epoch=epoch, step=i)
             progress.step(i, step.loss_sums[0], step.steps_done)
-            if stop is not None and comm.world == 1:
+            if stop is not None:
                 stop.check()                   # a Python flag: no host sync
         m = step.read_metrics(comm)            # the epoch's one host sync (summed over ranks)
     finally:
