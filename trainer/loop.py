@@ -173,16 +173,20 @@ def _decide(cfg: TrainConfig, explicit: set[str] | None, comm: Comm, held: conte
 
 def _lock(run_dir: Path, held: contextlib.ExitStack) -> None:
     """Take RUN/.lock until `held` closes, then remove the temporary files of killed writers.
-    A directory this process created and left holding only the lock (the run failed before
-    writing anything) is removed again."""
-    created = not run_dir.exists()
+    Directories this process created that hold only the lock at the end (the run failed before
+    writing anything) are removed again."""
+    created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]   # innermost first
     lock = held.enter_context(RunLock(run_dir))
 
     def tidy():
         if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
             lock.release()
             (run_dir / LOCK).unlink(missing_ok=True)
-            run_dir.rmdir()
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:                # no longer empty: someone else's now
+                    break
 
     held.callback(tidy)
     removed = clean_litter(run_dir)
