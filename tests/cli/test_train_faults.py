@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import pty
 import re
 import shutil
 import signal
@@ -321,3 +322,42 @@ def test_a_bad_seed_is_one_line(value, msg, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = cnm(["train", "--seed", value], capsys)
     one_error(code, err, msg)
+
+
+def _read_until(fd, text: str, seen: bytearray) -> None:
+    """Read the terminal `fd` until `text` appeared (or EOF: the child ended)."""
+    while text.encode() not in seen:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:                          # EIO: the child closed the terminal
+            return
+        if not chunk:
+            return
+        seen += chunk
+
+
+def test_sigterm_on_a_terminal_stops_the_bar_and_restores_the_cursor(data, tmp_path):
+    """On a terminal (a pty) the run draws rich bars; SIGTERM mid-epoch removes the bar and shows
+    the cursor again before the stop message (no half-drawn bar, no hidden cursor)."""
+    run = tmp_path / "run"
+    argv = [a for a in _cli(data, run) if a != "--quiet"]
+    leader, follower = pty.openpty()
+    a = subprocess.Popen(argv, cwd=ROOT, env={**ENV, "TERM": "xterm-256color", "COLUMNS": "100"},
+                         stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    seen = bytearray()
+    try:
+        _read_until(leader, f"epoch 1/{EPOCHS}  lr", seen)       # epoch 1's line: now in epoch 2
+        assert a.poll() is None, seen.decode(errors="replace")
+        a.send_signal(signal.SIGTERM)
+        _read_until(leader, "\x00never\x00", seen)              # everything, to the end
+        a.wait(timeout=120)
+    finally:
+        a.kill()
+        a.wait()
+        os.close(leader)
+    text = seen.decode(errors="replace")
+    assert a.returncode == 143 and "Traceback" not in text, text
+    hide, show = text.rfind("\x1b[?25l"), text.rfind("\x1b[?25h")
+    assert 0 <= hide < show < text.index("stopped by SIGTERM"), text   # the bar was drawn, then removed
+    assert f"to continue: cnm train --out {run} --resume" in text
