@@ -294,6 +294,22 @@ def test_a_bad_label_stops_before_any_step(data, tmp_path, capsys, split, value)
     assert not run.exists()
 
 
+@pytest.mark.parametrize("key,value,msg", [
+    ("std", [60.0, 0.0, 60.0], "std > 0 (a constant channel cannot be normalised)"),
+    ("std", [60.0, float("nan"), 60.0], "must be 3 finite values"),
+    ("num_classes", 12, "num_classes 12 does not match the 10 class names"),
+])
+def test_a_bad_manifest_is_one_line_naming_it(data, tmp_path, capsys, key, value, msg):
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    man = json.loads((bad / "manifest.json").read_text())
+    man[key] = value
+    (bad / "manifest.json").write_text(json.dumps(man))
+    code, _, err = cnm(["train", *_cmd(bad, tmp_path / "run")], capsys)
+    one_error(code, err, f"{bad / 'manifest.json'}: ", msg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_other_data_on_resume_needs_allow_new_data(reference_run, tmp_path, capsys):
     run = _copy_run(reference_run, tmp_path / "run")
     other = synthetic_dir(tmp_path, train=96, test=64)
