@@ -99,15 +99,16 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
         progress = Progress(epochs=cfg.epochs, quiet=cfg.quiet, enabled=comm.is_main, console=console)
         _announce(run, progress, start_epoch, meta)
         done = start_epoch
-        # one process: SIGTERM/Ctrl-C stop after the current step. Under torchrun the signals keep
-        # their default action: torchrun sends SIGTERM when another process failed, and a rank
-        # blocked in a collective could not act on a flag (the atomic checkpoints stay intact)
         def where() -> str:
             line = resume_hint(run.dir, done, cfg.epochs)
-            if meta is not None and done == start_epoch and meta.get("epochs") not in (None, cfg.epochs):
+            if (meta is not None and done == start_epoch and meta.get("epochs") not in (None, cfg.epochs)
+                    and line.endswith("--resume")):
                 line += f" --epochs {cfg.epochs}"   # last.pt still holds the old number
             return line
 
+        # one process: SIGTERM/Ctrl-C stop after the current step. Under torchrun the signals keep
+        # their default action: torchrun sends SIGTERM when another process failed, and a rank
+        # blocked in a collective could not act on a flag (the atomic checkpoints stay intact)
         stopping = graceful_stop(where) if comm.world == 1 else contextlib.nullcontext(None)
         with stopping as stop:
             for epoch in range(start_epoch, cfg.epochs):
