@@ -1,7 +1,9 @@
 """The `cnm` command group. Each subcommand lives in its own module and is imported on use,
 so `cnm info` works where torch back-ends are broken and `--help` stays fast.
 
-Every `CnmError` becomes one line on stderr and exit status 1; Ctrl-C becomes exit 130.
+Every `CnmError` becomes one line on stderr and exit status 1; Ctrl-C becomes exit 130. During
+`cnm train`'s epochs SIGTERM and Ctrl-C are a clean stop (trainer/signals.py): the resume command,
+then exit 143 / 130 (the `SystemExit` passes through here unchanged).
 """
 
 from __future__ import annotations

@@ -8,7 +8,29 @@ from __future__ import annotations
 
 import click
 
+from pipeline.errors import CnmError
 from trainer.config import DEFAULTS, FIELDS, field_type, flag_name
+
+
+class Integer(click.ParamType):
+    """An integer option whose bad value (`--seed 1e20`, `--epochs 2.5`) is one `error:` line
+    (a CnmError, exit 1) like every other bad input, not click's usage block (exit 2)."""
+
+    name = "integer"
+
+    def __init__(self, flag: str):
+        self.flag = flag
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).strip(), 10)
+        except ValueError:
+            raise CnmError(f"{self.flag} must be an integer, got {value!r}") from None
+
+
+ONE_WAY = ("resume", "quiet", "allow_new_data")   # flags without a --no- form
 
 
 def _default_text(name: str) -> str:
@@ -19,7 +41,7 @@ def _default_text(name: str) -> str:
     v = DEFAULTS[name]
     if v is None:
         return "all"
-    if name in ("resume", "quiet"):
+    if name in ONE_WAY:
         return "off"
     if isinstance(v, bool):
         return flag_name(name)[2:] if v else "no-" + flag_name(name)[2:]
@@ -32,14 +54,14 @@ def _options(func):
         typ = field_type(name)
         help_text = f"{meta['help']} [default: {_default_text(name)}]"
         if typ is bool:
-            if name in ("resume", "quiet"):
+            if name in ONE_WAY:
                 opt = click.option(flag_name(name), name, is_flag=True, default=None, help=help_text)
             else:
                 flag = flag_name(name)[2:]
                 opt = click.option(f"--{flag}/--no-{flag}", name, default=None, help=help_text)
         else:
             ctype = click.Choice(meta["choices"]) if meta.get("choices") else {
-                int: int, float: float, str: str}[typ]
+                int: Integer(flag_name(name)), float: float, str: str}[typ]
             metavar = None if meta.get("choices") else meta.get("metavar") or {"data": "DIR", "out": "RUN"}.get(name)
             opt = click.option(flag_name(name), name, type=ctype, default=None, help=help_text,
                                metavar=metavar)

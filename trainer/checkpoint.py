@@ -7,7 +7,9 @@ A run directory (`--out RUN`) holds:
     metrics.jsonl  one JSON object per finished epoch
     last.pt        state after the last finished epoch (what `--resume` continues from)
     best.pt        state after the epoch with the best test `ensemble_acc`
-    eval.json      written by `cnm eval`
+    prev.pt        the last.pt before the latest one (kept when it verified)
+    eval-NAME.json written by `cnm eval` of NAME.pt (eval-best.json, eval-last.json)
+    .lock          held by the running process (trainer/rundir.py)
 
 `last.pt`/`best.pt` are dicts (torch.save, tensors on the CPU):
 
@@ -26,83 +28,73 @@ A run directory (`--out RUN`) holds:
     metrics      the last metrics row; best {"epoch", "ensemble_acc"}
     world        the number of processes that trained it (informative: nothing above depends on
                  it, so a run resumes with any number of processes; trainer/distributed.py)
+    data_sha256  the manifest checksums of the train and test arrays it was trained on
 
-Every file is written to a temporary sibling, fsync'ed, then `os.replace`d into place, so a
-`kill -9` at any moment leaves either the old or the new complete file. `run_state` builds the
+Every file is written through pipeline/fileio.py (a temporary sibling, fsync'ed, then
+`os.replace`d into place), so a `kill -9` at any moment leaves either the old or the new
+complete file; checkpoints carry their sha256 and are verified on every load (trainer/rundir.py). `run_state` builds the
 whole state of a `trainer.run.Run`, `restore_state` puts it back, `save_epoch` writes it.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from pipeline.data.manifest import MANIFEST, sha256_file
+from pipeline.data.manifest import MANIFEST, images_file, labels_file, sha256_file
 from pipeline.environment import run_record
 from pipeline.errors import CnmError
+from pipeline.fileio import atomic_write_bytes, atomic_write_json, os_error_reason
 from trainer.config import resolved_dict
 from trainer.optim import load_momentum, momentum_to_peer_dicts
+from trainer.rundir import (  # noqa: F401 -- the run's file names, re-exported for the loop and tests
+    BEST,
+    CONFIG,
+    LAST,
+    METRICS,
+    PREV,
+    check_state,
+    load_verified,
+    require_keys,
+    save_verified,
+)
 
 CHECKPOINT_FORMAT = 1
-LAST = "last.pt"
-BEST = "best.pt"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-EVAL = "eval.json"
+EVAL = "eval-{name}.json"   # `cnm eval` of NAME.pt (eval-best.json, eval-last.json, ...)
+# keys every resumable checkpoint has (an older or foreign file lacks some: one line, no KeyError)
+RESUME_KEYS = ("config", "epoch", "global_step", "archs", "num_classes", "peers", "optimizer.momentum")
+EVAL_KEYS = ("epoch", "archs", "num_classes", "peers")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary sibling + fsync + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+def save_checkpoint(path: str | os.PathLike, state: dict, *, keep: str | None = None) -> None:
+    """torch.save `state` atomically, sealed with its sha256 and verified when read back
+    (`trainer.rundir.save_verified`; `keep=PREV` keeps the replaced file as prev.pt)."""
+    save_verified(path, state, keep=keep)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def load_checkpoint(path: str | os.PathLike, keys: tuple[str, ...] = RESUME_KEYS) -> dict:
+    """Verify and read a checkpoint written by `save_checkpoint` (tensors mapped to the CPU).
 
-
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """torch.save `state` atomically (serialised in memory first, then one write)."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by `save_checkpoint` (tensors mapped to the CPU).
-
-    A missing, truncated or foreign file is a one-line CnmError.
+    A missing, truncated, corrupt (checksum), foreign or incomplete (a key of `keys` missing)
+    file is a one-line CnmError naming it (and, for a bad file, the earlier checkpoint to use).
     """
     p = Path(path)
-    if not p.is_file():
-        raise CnmError(f"{p}: checkpoint not found")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- truncated zip, pickle of an unknown class, ...
-        raise CnmError(f"{p}: not a readable cnm checkpoint ({e.__class__.__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    state = load_verified(p)
+    if state.get("format") != CHECKPOINT_FORMAT:
         raise CnmError(f"{p}: not a cnm checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    require_keys(state, keys, p)
     return state
+
+
+def eval_path(checkpoint: str | os.PathLike) -> Path:
+    """Where `cnm eval` writes the result of `checkpoint`: eval-<its stem>.json beside it."""
+    p = Path(checkpoint)
+    return p.with_name(EVAL.format(name=p.stem))
 
 
 def find_checkpoint(run_or_file: str | os.PathLike) -> Path:
@@ -125,12 +117,15 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     """Append one JSON line with a single write + fsync (a kill leaves at most a torn last line,
     which `read_jsonl` drops)."""
     line = (json.dumps(row) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)  # umask applies
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise CnmError(f"{path}: could not append the metrics row ({os_error_reason(e)})") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -177,11 +172,24 @@ def write_run_config(run, command: str | None = None) -> dict:
     return out
 
 
+def data_fingerprint(manifest) -> str:
+    """The manifest checksums of the train and test arrays (every process must read the same
+    data, and a run resumes on the data it was trained on; the optional .beton files are copies
+    of them and may exist on some nodes only)."""
+    h = hashlib.sha256()
+    for split in ("train", "test"):
+        for name in (images_file(split), labels_file(split)):
+            h.update(f"{name}={manifest.files.get(name, {}).get('sha256')};".encode())
+    return h.hexdigest()
+
+
 def checkpoint_meta(state: dict | None) -> dict | None:
     """What every process needs to know of a checkpoint before its tensors are broadcast."""
     if state is None:
         return None
-    return {k: state.get(k) for k in ("num_classes", "epoch", "global_step", "best")}
+    meta = {k: state.get(k) for k in ("num_classes", "epoch", "global_step", "best", "data_sha256")}
+    meta["epochs"] = (state.get("config") or {}).get("epochs")
+    return meta
 
 
 def run_state(run, *, epoch: int, global_step: int, lr: float, row: dict, best: dict) -> dict:
@@ -189,7 +197,7 @@ def run_state(run, *, epoch: int, global_step: int, lr: float, row: dict, best: 
     cfg, teacher = run.cfg, run.teacher
     return _to_cpu({
         "format": CHECKPOINT_FORMAT, "config": resolved_dict(cfg, run.res),
-        "requested": {**cfg.to_dict(), "out": str(run.dir), "resume": False},
+        "requested": {**cfg.to_dict(), "out": str(run.dir), "resume": False, "allow_new_data": False},
         "epoch": epoch, "global_step": global_step, "archs": list(run.res.archs),
         "num_classes": run.num_classes,
         "peers": run.peers.peer_state_dicts(),
@@ -197,23 +205,40 @@ def run_state(run, *, epoch: int, global_step: int, lr: float, row: dict, best: 
         "optimizer": {"momentum": momentum_to_peer_dicts(run.peers, run.step.optimizer)},
         "schedule": {"name": cfg.schedule, "lr0": cfg.lr, "epochs": cfg.epochs, "lr": lr},
         "rng": {"torch_cpu": torch.get_rng_state()},
-        "metrics": row, "best": best, "world": run.comm.world,
+        "metrics": row, "best": best, "world": run.comm.world, "data_sha256": data_fingerprint(run.manifest),
     })
 
 
-def restore_state(run, state: dict) -> None:
+def check_peer_states(peers, states, what: str) -> None:
+    """`states` (a checkpoint's per-peer state dicts) fit `peers` (a PeerSet) tensor by tensor,
+    else one CnmError line naming `what`, the peer and the first missing or misshapen tensor."""
+    mine = peers.peer_state_dicts()
+    if not isinstance(states, list) or len(states) != len(mine):
+        n = len(states) if isinstance(states, list) else "no list of"
+        raise CnmError(f"{what}: {n} peers in the checkpoint, {len(mine)} in the model")
+    for k, (expected, got) in enumerate(zip(mine, states)):
+        if not isinstance(got, dict):
+            raise CnmError(f"{what}: peer {k} is a {type(got).__name__}, not a state dict")
+        check_state(expected, got, f"{what}, peer {k}")
+
+
+def restore_state(run, state: dict, source: str = "the checkpoint") -> None:
     """Load a checkpoint's peers, EMA teacher and momentum into a freshly built run (in place).
-    A run resumed with an EMA teacher its checkpoint lacks starts the teacher from the peers."""
+    A run resumed with an EMA teacher its checkpoint lacks starts the teacher from the peers.
+    A tensor missing or of another shape is one line naming it (`source`: the file)."""
+    check_peer_states(run.peers, state["peers"], source)
     run.peers.load_peer_state_dicts(state["peers"])
     if run.teacher is not None:
-        run.teacher.module.load_peer_state_dicts(state["teacher"] if state.get("teacher") is not None
-                                                 else state["peers"])
+        teacher = state["teacher"] if state.get("teacher") is not None else state["peers"]
+        check_peer_states(run.teacher.module, teacher, f"{source} (EMA teacher)")
+        run.teacher.module.load_peer_state_dicts(teacher)
     load_momentum(run.peers, run.step.optimizer, state["optimizer"]["momentum"])
 
 
 def save_epoch(run_dir: Path, state: dict, is_best: bool) -> None:
-    """Write RUN/last.pt (and RUN/best.pt when this epoch is the best so far)."""
-    save_checkpoint(run_dir / LAST, state)
+    """Write RUN/last.pt (the one it replaces kept as RUN/prev.pt) and RUN/best.pt when this
+    epoch is the best so far; each verified before it replaces the old file."""
+    save_checkpoint(run_dir / LAST, state, keep=PREV)
     if is_best:
         save_checkpoint(run_dir / BEST, state)
 

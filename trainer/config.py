@@ -120,6 +120,8 @@ class TrainConfig:
     # ---- run directory and output
     out: str | None = _f(None, "run directory")
     resume: bool = _f(False, "continue the run in --out from its last.pt")
+    allow_new_data: bool = _f(False, "with --resume and an explicit --data: continue on a dataset whose "
+                              "manifest checksums differ from the run's (best.pt then restarts)")
     quiet: bool = _f(False, "plain log lines instead of progress bars")
     log: str = _f("none", "also log to TensorBoard in RUN/tensorboard (the tensorboard extra: "
                   "pip install 'cnm[tensorboard]'); metrics.jsonl is always written", LOGS)
@@ -309,6 +311,7 @@ def validate(cfg: TrainConfig) -> None:
          f"--limit-train must be >= 1, got {cfg.limit_train}"),
         (cfg.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}"),
         (not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0"),
+        (cfg.resume or not cfg.allow_new_data, "--allow-new-data needs --resume (it continues a run)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -398,5 +401,5 @@ def resolved_dict(cfg: TrainConfig, res: Resolved) -> dict[str, Any]:
              bf16="on" if res.bf16 else "off",
              channels_last="on" if res.channels_last else "off",
              cuda_graphs="on" if res.cuda_graphs else "off",
-             peers=len(res.archs), resume=False, rampup_epochs=res.rampup_epochs)
+             peers=len(res.archs), resume=False, allow_new_data=False, rampup_epochs=res.rampup_epochs)
     return d

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 
 from pipeline.data.manifest import load_manifest
 from pipeline.errors import CnmError
+from pipeline.fileio import atomic_write_json
 from trainer import checkpoint as ckpt
 from trainer.peers import build_peers
 
@@ -118,14 +118,15 @@ def evaluate_checkpoint(run_or_checkpoint, *, data: str | None = None, device: s
     """Evaluate a run directory (its best.pt, else last.pt) or a checkpoint file.
 
     Returns the accuracies (as `Evaluator.__call__`) plus `checkpoint`, `epoch`, `archs`, `data`,
-    and writes them to `eval.json` next to the checkpoint (atomically) when `write`.
-    One-line CnmError for a missing/foreign checkpoint, a missing or mismatching data dir, or
+    and writes them to `eval-<checkpoint name>.json` next to the checkpoint (atomically) when
+    `write`, so evaluating best.pt and last.pt keeps both. The checkpoint is verified against
+    its checksum first. One-line CnmError for a missing/corrupt/foreign checkpoint, a missing or mismatching data dir, or
     `--device cuda` without CUDA.
     """
     if batch_size < 1:
         raise CnmError(f"--batch-size must be >= 1, got {batch_size}")
     path = ckpt.find_checkpoint(run_or_checkpoint)
-    state = ckpt.load_checkpoint(path)
+    state = ckpt.load_checkpoint(path, keys=ckpt.EVAL_KEYS)
     cfg = state.get("config", {})
     data_dir = data if data is not None else cfg.get("data")
     if data_dir is None:
@@ -140,10 +141,12 @@ def evaluate_checkpoint(run_or_checkpoint, *, data: str | None = None, device: s
                        ("cpu" if device == "auto" else device))
     archs = list(state["archs"])
     peers = build_peers(archs, state["num_classes"], peer_exec="loop")
+    ckpt.check_peer_states(peers, state["peers"], str(path))
     peers.load_peer_state_dicts(state["peers"])
     teacher = None
     if state.get("teacher") is not None:
         teacher = build_peers(archs, state["num_classes"], peer_exec="loop")
+        ckpt.check_peer_states(teacher, state["teacher"], f"{path} (EMA teacher)")
         teacher.load_peer_state_dicts(state["teacher"])
         teacher = teacher.to(dev)
     peers = peers.to(dev)
@@ -156,8 +159,8 @@ def evaluate_checkpoint(run_or_checkpoint, *, data: str | None = None, device: s
     result = evaluator(peers, teacher)
     result.update(checkpoint=str(path), epoch=int(state["epoch"]), archs=archs, data=str(data_dir),
                   dataset=manifest.dataset, device=str(dev))
-    out = Path(path).parent / ckpt.EVAL
+    out = ckpt.eval_path(path)
     result["eval_json"] = str(out)
     if write:
-        ckpt.atomic_write_json(out, result)
+        atomic_write_json(out, result)
     return result

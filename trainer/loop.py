@@ -6,8 +6,10 @@
 An epoch: order from (seed, e), augmentation from (seed, e, rank, step), lr per step from the
 schedule, ramp w(e); no host sync until `read_metrics` at its end (a non-finite loss stops the
 run there); then (every --eval-every epochs and the last) every peer, the ensemble and the
-EMA teacher are evaluated (else the accuracies are null), one row (`ROW_COLUMNS`) is appended
-to RUN/metrics.jsonl and RUN/last.pt (and best.pt) written atomically (trainer/checkpoint.py). A resumed run repeats exactly what the uninterrupted run
+EMA teacher are evaluated (else the accuracies are null), RUN/last.pt (and best.pt) written
+atomically and verified (trainer/checkpoint.py), and only then one row (`ROW_COLUMNS`) appended
+to RUN/metrics.jsonl. Rank 0 holds the directory's lock throughout; SIGTERM/Ctrl-C stop at a
+step's end (docs/cli.md#the-run-directory). A resumed run repeats exactly what the uninterrupted run
 would have done (tests/trainer/test_resume.py); rows after the checkpoint's epoch are dropped.
 Several processes (docs/distributed.md): rank 0 decides and alone writes and prints; every rank
 checks its data, starts from rank 0's weights, EMA and momentum, averages gradients through the
@@ -16,19 +18,22 @@ step's hook, and evaluates with rank 0's BatchNorm statistics.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import time
+from pathlib import Path
 
-from pipeline.data.manifest import images_file, labels_file, load_manifest
+from pipeline.data.manifest import load_manifest
 from pipeline.errors import CnmError
 from trainer import checkpoint as ckpt
 from trainer import tblog
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, make_config, resolve
 from trainer.distributed import Comm
 from trainer.losses import rampup
 from trainer.progress import Progress
 from trainer.run import Run, build_run, decide_run
+from trainer.rundir import LOCK, RunLock, clean_litter
 from trainer.schedule import lr_at
+from trainer.signals import Stop, graceful_stop, resume_hint
 
 # The columns of a metrics row, in the order written: epoch (finished epochs, 1-based), lr (at the
 # epoch's first step), ramp w(e), loss (per step, summed over peers), ce / kd / fml (per step,
@@ -50,21 +55,14 @@ def rampup_weight(epoch: int, rampup_epochs: float) -> float:
 
 
 def _check_data(cfg: TrainConfig):
+    """The manifest, its splits, and every train and test label in [0, num_classes), before any
+    step (a bad label is then one line, not a device-side assert or a wrong test accuracy)."""
     man = load_manifest(cfg.data)
     for split in ("train", "test"):
         if split not in man.counts:
             raise CnmError(f"{man.root}: the prepared dataset has no {split} split")
+        man.check_labels(split)
     return man
-
-
-def _data_fingerprint(man) -> str:
-    """The manifest checksums of the train and test arrays (every process must read the same
-    data; the optional .beton files are copies of them and may exist on some nodes only)."""
-    h = hashlib.sha256()
-    for split in ("train", "test"):
-        for name in (images_file(split), labels_file(split)):
-            h.update(f"{name}={man.files.get(name, {}).get('sha256')};".encode())
-    return h.hexdigest()
 
 
 def _check_data_everywhere(cfg: TrainConfig, comm: Comm):
@@ -72,7 +70,7 @@ def _check_data_everywhere(cfg: TrainConfig, comm: Comm):
     0's) stops all of them with the same line."""
     manifest = comm.everywhere(lambda: _check_data(cfg), "checking the data")
     if comm.world > 1:
-        mine = _data_fingerprint(manifest)
+        mine = ckpt.data_fingerprint(manifest)
         comm.agree(None if comm.broadcast_object(mine) == mine else
                    f"its data {manifest.root} differ from rank 0's (manifest checksums); every process "
                    f"must read the same prepared dataset", "checking the data")
@@ -85,67 +83,133 @@ def _check_data_everywhere(cfg: TrainConfig, comm: Comm):
 def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | None = None,
           console=None, command: str | None = None) -> dict:
     """Run (or resume) a training run; returns {"run", "epochs", "last", "best", "rows"}.
-    `command`: the command line recorded in RUN/config.json."""
+    `command`: the command line recorded in RUN/config.json.
+
+    Rank 0 holds the run directory's lock (trainer/rundir.py) from before it reads the
+    directory to the end; in one process SIGTERM/SIGINT stop the run at the end of a step
+    (trainer/signals.py: exit 143/130 with the resume command)."""
     comm = comm or Comm()
-    cfg, meta, state = _decide(cfg, explicit, comm)
-    manifest = _check_data_everywhere(cfg, comm)
-    if meta is not None and meta["num_classes"] != manifest.num_classes:
-        raise CnmError(f"{cfg.data}: {manifest.num_classes} classes, but the checkpoint was trained on "
-                       f"{meta['num_classes']}")
-    run = build_run(cfg, comm, manifest)
-    tb = None
-    try:
+    with contextlib.ExitStack() as held:
+        cfg, meta, state = _decide(cfg, explicit, comm, held)
+        manifest = _check_data_everywhere(cfg, comm)
+        meta = _check_resumed_data(cfg, meta, manifest, explicit)
+        run = build_run(cfg, comm, manifest)
+        held.callback(run.loader.close)
         start_epoch, rows, best = resume(run, state, meta)
         del state                                  # its tensors are in the models now
         tb = tblog.for_run(run) if comm.is_main and cfg.log == "tensorboard" else None
+        if tb is not None:
+            held.callback(tb.close)
         if comm.is_main:
             config = ckpt.write_run_config(run, command)
             if tb is not None:
                 tb.hparams(config)
         progress = Progress(epochs=cfg.epochs, quiet=cfg.quiet, enabled=comm.is_main, console=console)
-        _announce(run, progress, start_epoch, resumed=meta is not None)
-        for epoch in range(start_epoch, cfg.epochs):
-            m = train_one_epoch(run, epoch, progress)
-            if m["bad_step"] >= 0:
-                kept = (f"last good checkpoint {run.dir / ckpt.LAST} (epoch {rows[-1]['epoch'] if rows else start_epoch})"
-                        if (run.dir / ckpt.LAST).exists() else "no checkpoint was written")
-                raise CnmError(f"non-finite loss at epoch {epoch + 1}, step {m['bad_step'] + 1}: stopped; {kept}")
-            evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
-            row = _metrics_row(m["row"], validate(run) if evaluated else NOT_EVALUATED)
-            is_best = evaluated and (best is None or row["ensemble_acc"] > best["ensemble_acc"])
-            if is_best:
-                best = {"epoch": row["epoch"], "ensemble_acc": row["ensemble_acc"]}
-            if comm.is_main:
-                rows.append(row)
-                ckpt.append_jsonl(run.dir / ckpt.METRICS, row)
-                if tb is not None:
-                    tb.epoch(row, run.step.loss_buffer)
-                saved = ckpt.run_state(run, epoch=epoch + 1, global_step=row["global_step"], lr=row["lr"],
-                                       row=row, best=best)
-                ckpt.save_epoch(run.dir, saved, is_best)
-            progress.report(row)
-            comm.barrier()
-    finally:
-        run.loader.close()
-        if tb is not None:
-            tb.close()
-    progress.summary(rows, best, str(run.dir), archs=list(run.res.archs))
+        _announce(run, progress, start_epoch, meta)
+        done = start_epoch
+        def where() -> str:
+            line = resume_hint(run.dir, done, cfg.epochs)
+            if (meta is not None and done == start_epoch and meta.get("epochs") not in (None, cfg.epochs)
+                    and line.endswith("--resume")):
+                line += f" --epochs {cfg.epochs}"   # last.pt still holds the old number
+            return line
+
+        # one process: SIGTERM/Ctrl-C stop after the current step. Under torchrun the signals keep
+        # their default action: torchrun sends SIGTERM when another process failed, and a rank
+        # blocked in a collective could not act on a flag (the atomic checkpoints stay intact)
+        stopping = graceful_stop(where) if comm.world == 1 else contextlib.nullcontext(None)
+        with stopping as stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                m = train_one_epoch(run, epoch, progress, stop)
+                if m["bad_step"] >= 0:
+                    kept = (f"last good checkpoint {run.dir / ckpt.LAST} (epoch {done})"
+                            if done > 0 else "no checkpoint was written")
+                    raise CnmError(f"non-finite loss at epoch {epoch + 1}, step {m['bad_step'] + 1}: "
+                                   f"stopped; {kept}")
+                evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+                row = _metrics_row(m["row"], validate(run) if evaluated else NOT_EVALUATED)
+                is_best = evaluated and (best is None or row["ensemble_acc"] > best["ensemble_acc"])
+                if is_best:
+                    best = {"epoch": row["epoch"], "ensemble_acc": row["ensemble_acc"]}
+                if comm.is_main:
+                    saved = ckpt.run_state(run, epoch=epoch + 1, global_step=row["global_step"], lr=row["lr"],
+                                           row=row, best=best)
+                    ckpt.save_epoch(run.dir, saved, is_best)   # first: no row for an epoch not saved
+                    ckpt.append_jsonl(run.dir / ckpt.METRICS, row)
+                    rows.append(row)
+                    if tb is not None:
+                        tb.epoch(row, run.step.loss_buffer)
+                done = epoch + 1
+                progress.report(row)
+                comm.barrier()
+            progress.summary(rows, best, str(run.dir), archs=list(run.res.archs))
     return {"run": str(run.dir), "epochs": cfg.epochs, "last": rows[-1] if rows else None, "best": best,
             "rows": rows}
 
 
-def _decide(cfg: TrainConfig, explicit: set[str] | None, comm: Comm):
-    """`decide_run` on rank 0: (config, checkpoint meta) on every rank, plus the checkpoint
-    itself on rank 0 (None elsewhere; its tensors are broadcast once the models exist)."""
+def _check_resumed_data(cfg: TrainConfig, meta: dict | None, manifest, explicit: set[str] | None):
+    """A run resumes on the data it was trained on (the manifest checksums in its checkpoint),
+    unless --data is given with --allow-new-data: then its best.pt restarts."""
+    if meta is None:
+        return meta
+    if meta["num_classes"] != manifest.num_classes:
+        raise CnmError(f"{cfg.data}: {manifest.num_classes} classes, but the checkpoint was trained on "
+                       f"{meta['num_classes']}")
+    saved = meta.get("data_sha256")
+    if saved is None or saved == ckpt.data_fingerprint(manifest):
+        return meta
+    if not (cfg.allow_new_data and "data" in (explicit or ())):
+        raise CnmError(f"{cfg.data}: these data differ from the ones {cfg.out} was trained on (manifest "
+                       f"checksums); to continue the run on them: --resume --data {cfg.data} --allow-new-data "
+                       f"(best.pt then restarts)")
+    return {**meta, "best": None, "new_data": True}
+
+
+def _decide(cfg: TrainConfig, explicit: set[str] | None, comm: Comm, held: contextlib.ExitStack):
+    """`decide_run` on rank 0, holding the run directory's lock (kept in `held`) and after
+    removing the litter of killed writers: (config, checkpoint meta) on every rank, plus the
+    checkpoint itself on rank 0 (None elsewhere; its tensors are broadcast once the models exist)."""
     state = None
 
     def on_rank0():
         nonlocal state
-        run_cfg, state = decide_run(cfg, explicit, comm.world)
+        out = cfg.out
+        if out is None and not cfg.resume:         # --resume without --out: decide_run says so
+            out = resolve(cfg, world=comm.world).out
+        if out is not None:
+            _lock(Path(out), held)
+            cfg_out = make_config(None, {**cfg.to_dict(), "out": str(out)})
+        else:
+            cfg_out = cfg
+        run_cfg, state = decide_run(cfg_out, explicit, comm.world)
         return run_cfg, ckpt.checkpoint_meta(state)
 
     run_cfg, meta = comm.on_main(on_rank0, "preparing the run")
     return run_cfg, meta, state
+
+
+def _lock(run_dir: Path, held: contextlib.ExitStack) -> None:
+    """Take RUN/.lock until `held` closes, then remove the temporary files of killed writers.
+    Directories this process created that hold only the lock at the end (the run failed before
+    writing anything) are removed again."""
+    created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]   # innermost first
+    lock = held.enter_context(RunLock(run_dir))
+
+    def tidy():
+        if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+            lock.release()
+            (run_dir / LOCK).unlink(missing_ok=True)
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:                # no longer empty: someone else's now
+                    break
+
+    held.callback(tidy)
+    removed = clean_litter(run_dir)
+    if removed:
+        print(f"{run_dir}: removed {len(removed)} temporary file(s) left by a killed run: "
+              f"{', '.join(removed)}", flush=True)
 
 
 def resume(run: Run, state: dict | None, meta: dict | None) -> tuple[int, list[dict], dict | None]:
@@ -153,10 +217,12 @@ def resume(run: Run, state: dict | None, meta: dict | None) -> tuple[int, list[d
     EMA and momentum; returns (first epoch to run, metrics rows kept, best so far)."""
     comm = run.comm
     if state is not None:
-        ckpt.restore_state(run, state)
+        ckpt.restore_state(run, state, str(run.dir / ckpt.LAST))
     comm.sync_module(run.peers)                    # every rank starts from rank 0's weights
     comm.sync_module(run.teacher.module if run.teacher is not None else None)
     if meta is None:
+        if comm.is_main and run.cfg.resume:        # restarted from its config.json: from epoch 0
+            ckpt.truncate_metrics(run.dir / ckpt.METRICS, 0)
         return 0, [], None
     comm.broadcast_tensors(run.step.optimizer.bufs)
     run.step.set_global_step(int(meta["global_step"]))
@@ -170,19 +236,38 @@ NOT_EVALUATED = {"test_acc": None, "ensemble_acc": None, "teacher_acc": None, "t
                  "eval_s": 0.0}
 
 
+def _resume_message(run_dir, done: int, before: int | None, epochs: int) -> str:
+    """What a resumed run will do, in words: continue, extend or shorten, or nothing (complete)."""
+    change = ""
+    if before is not None and before != epochs:
+        change = f"{'extending' if epochs > before else 'shortening'} from {before} to {epochs} epochs; "
+    if done >= epochs:
+        if done > epochs:
+            return (f"{run_dir}: {change}{done} epochs are already done, more than --epochs {epochs}: "
+                    f"nothing to train")
+        return (f"{run_dir}: {change}the run is complete ({done}/{epochs} epochs); to train longer: "
+                f"cnm train --out {run_dir} --resume --epochs N")
+    return f"resuming {run_dir}: {change}{done}/{epochs} epochs done, continuing with epoch {done + 1}"
+
+
 def _metrics_row(train_part: dict, test_part: dict) -> dict:
     both = {**train_part, **test_part}
     return {k: both[k] for k in ROW_COLUMNS}
 
 
-def _announce(run: Run, progress: Progress, start_epoch: int, resumed: bool) -> None:
+def _announce(run: Run, progress: Progress, start_epoch: int, meta: dict | None) -> None:
     cfg, res, comm, loader = run.cfg, run.res, run.comm, run.loader
-    if not resumed:
-        progress.log(f"run {run.dir}: {len(res.archs)} x {','.join(dict.fromkeys(res.archs))} ({res.peer_exec}) "
+    if meta is None:
+        what = (f"restarting {run.dir} from epoch 1 with its saved settings (it had no checkpoint)"
+                if cfg.resume else f"run {run.dir}")
+        progress.log(f"{what}: {len(res.archs)} x {','.join(dict.fromkeys(res.archs))} ({res.peer_exec}) "
                      f"on {res.device}; data {cfg.data} ({run.manifest.dataset}, {run.num_classes} classes), "
                      f"{loader.num_samples * comm.world} train images/epoch via {loader.name}; {cfg.epochs} epochs")
     else:
-        progress.log(f"resuming {run.dir} at epoch {start_epoch + 1}/{cfg.epochs}")
+        progress.log(_resume_message(run.dir, start_epoch, meta.get("epochs"), cfg.epochs))
+        if meta.get("new_data"):
+            progress.log(f"{run.dir}: continuing on other data ({cfg.data}, --allow-new-data): best.pt "
+                         f"restarts from the next epoch")
     if comm.world > 1:
         progress.log(f"{comm.world} processes ({comm.backend}), {cfg.batch_size} images per process and "
                      f"step (global batch {cfg.batch_size * comm.world})"
@@ -192,9 +277,10 @@ def _announce(run: Run, progress: Progress, start_epoch: int, resumed: bool) -> 
 # ----------------------------------------------------------------------------- one epoch
 
 
-def train_one_epoch(run: Run, epoch: int, progress: Progress) -> dict:
+def train_one_epoch(run: Run, epoch: int, progress: Progress, stop: Stop | None = None) -> dict:
     """The training steps of `epoch` (no host sync until its end). Returns the step's
-    `read_metrics` (summed over processes) plus "row": the epoch's training columns."""
+    `read_metrics` (summed over processes) plus "row": the epoch's training columns. A stop
+    signal (`stop`, one process only) ends the epoch after the current step (Interrupted)."""
     cfg, comm, loader, step = run.cfg, run.comm, run.loader, run.step
     steps_per_epoch = len(loader)
     fault = comm.fault_injector()                  # CNM_FAULT testing hook (None normally)
@@ -211,6 +297,8 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress) -> dict:
             step.set_lr(lr_at(cfg.schedule, cfg.lr, cfg.epochs, epoch, i, steps_per_epoch))
             step(*batch, epoch=epoch, step=i)
             progress.step(i, step.loss_sums[0], step.steps_done)
+            if stop is not None:
+                stop.check()                   # a Python flag: no host sync
         m = step.read_metrics(comm)            # the epoch's one host sync (summed over ranks)
     finally:
         progress.end_epoch()

@@ -10,6 +10,7 @@ restoring and the epochs are in trainer/loop.py and trainer/checkpoint.py
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from pipeline.loaders import choose_auto, make_loader
 from pipeline.loaders.base import BatchLoader
 from pipeline.ops import CutNMix
 from trainer import checkpoint as ckpt
-from trainer.config import Resolved, TrainConfig, latest_run, make_config, resolve
+from trainer.config import FIELDS, Resolved, TrainConfig, latest_run, make_config, resolve
 from trainer.distributed import Comm, convert_sync_batchnorm
 from trainer.evaluate import Evaluator
 from trainer.peers import PeerSet, build_peers
@@ -60,22 +61,41 @@ def prepare_run(cfg: TrainConfig, explicit: set[str] | None = None) -> tuple[Tra
     run = Path(cfg.out)
     last = run / ckpt.LAST
     if not last.is_file():
-        raise CnmError(f"{run}: no {ckpt.LAST} to resume from (the run has not finished an epoch, "
-                       f"or --out is wrong)")
+        if not (run / ckpt.CONFIG).is_file():
+            raise CnmError(f"{run}: no {ckpt.LAST} to resume from (the run has not finished an epoch, "
+                           f"or --out is wrong)")
+        # stopped before its first checkpoint: start it again from epoch 0 with its saved settings
+        return _merge(cfg, explicit, _saved_config(run / ckpt.CONFIG), None), None
     state = ckpt.load_checkpoint(last)
     # the settings as requested (with their `auto`s), so a run resumes with the same intent on
     # another machine; config.json keeps what they resolved to
-    saved = dict(state.get("requested") or state["config"])
+    return _merge(cfg, explicit, dict(state.get("requested") or state["config"]), len(state["archs"])), state
+
+
+def _saved_config(path: Path) -> dict:
+    """The TrainConfig fields of a run's config.json (one line if it is unreadable)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CnmError(f"{path}: cannot read the run's settings ({e.__class__.__name__})") from None
+    if not isinstance(saved, dict):
+        raise CnmError(f"{path}: not a run's config.json")
+    return {k: v for k, v in saved.items() if k in FIELDS}
+
+
+def _merge(cfg: TrainConfig, explicit: set[str] | None, saved: dict, peers: int | None) -> TrainConfig:
+    """The saved settings with the flags given now on top (--arch and --peers must match)."""
     explicit = set(explicit or ())
-    if "arch" in explicit and cfg.arch != saved["arch"]:
-        raise CnmError(f"--arch {cfg.arch} does not match the checkpoint's {saved['arch']}")
-    if "peers" in explicit and cfg.peers is not None and cfg.peers != len(state["archs"]):
-        raise CnmError(f"--peers {cfg.peers} does not match the checkpoint's {len(state['archs'])}")
+    if "arch" in explicit and cfg.arch != saved.get("arch"):
+        raise CnmError(f"--arch {cfg.arch} does not match the checkpoint's {saved.get('arch')}")
+    peers = peers if peers is not None else saved.get("peers")
+    if "peers" in explicit and cfg.peers is not None and peers is not None and cfg.peers != peers:
+        raise CnmError(f"--peers {cfg.peers} does not match the checkpoint's {peers}")
     merged = dict(saved)
     for k in explicit:
         merged[k] = getattr(cfg, k)
-    merged.update(out=str(run), resume=True, quiet=cfg.quiet)
-    return make_config(merged), state
+    merged.update(out=str(cfg.out), resume=True, quiet=cfg.quiet, allow_new_data=cfg.allow_new_data)
+    return make_config(merged)
 
 
 def decide_run(cfg: TrainConfig, explicit: set[str] | None, world: int) -> tuple[TrainConfig, dict | None]:
@@ -84,7 +104,7 @@ def decide_run(cfg: TrainConfig, explicit: set[str] | None, world: int) -> tuple
     run_cfg, state = prepare_run(cfg, explicit)
     out = resolve(run_cfg, world=world).out
     run = Path(out)
-    if state is None and run.exists() and any(
+    if not run_cfg.resume and run.exists() and any(
             (run / n).exists() for n in (ckpt.LAST, ckpt.METRICS, ckpt.CONFIG)):
         raise CnmError(f"{run}: already holds a run; pass --resume to continue it, or another --out")
     return make_config(None, {**run_cfg.to_dict(), "out": out}), state

@@ -39,13 +39,17 @@ from pipeline.fileio import (
     remove_stale_temps,
     temp_path,
 )
-from trainer.checkpoint import BEST, CONFIG, LAST, METRICS
 
 if TYPE_CHECKING:
     from typing import Self  # Python >= 3.11; annotations only
 
-LOCK = ".lock"
+# the files of a run directory (trainer/checkpoint.py describes them)
+LAST = "last.pt"
+BEST = "best.pt"
 PREV = "prev.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+LOCK = ".lock"
 # temporary names of the project's earlier writer (tempfile.mkstemp: no host or PID in them)
 _LEGACY_NAMES = "|".join(re.escape(n) for n in (LAST, BEST, PREV, CONFIG, METRICS))
 _LEGACY_TEMP = re.compile(rf"^\.(?:{_LEGACY_NAMES})\.tmp-[a-z0-9_]{{8}}$")

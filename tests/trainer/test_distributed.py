@@ -447,7 +447,8 @@ def test_two_spawned_ranks(tmp_path):
     assert not (tmp_path / "mixed").exists()
     run = tmp_path / "run"
     # only rank 0 wrote: one row per epoch (two writers would have appended each row twice)
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "best.pt", "config.json", "last.pt",
+                                                     "metrics.jsonl", "prev.pt"]
     rows = ckpt.read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2] and [r["global_step"] for r in rows] == [2, 4]
     resolved = json.loads((run / "config.json").read_text())["_resolved"]
@@ -499,7 +500,7 @@ def test_torchrun_cli_trains_fails_cleanly_and_resumes_with_one_process(tmp_path
     rank0 = log(0, "stderr")
     assert rank0 == "" or "error: rank 0: " in rank0, rank0     # killed by torchrun, or its own line
     assert "Traceback" not in rank0
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "best.pt", "config.json", "last.pt", "metrics.jsonl"]
     assert ckpt.load_checkpoint(run / "last.pt")["epoch"] == 1
     assert [r["epoch"] for r in ckpt.read_jsonl(run / "metrics.jsonl")] == [1]
     # 3. the world-2 checkpoint continues in one process

@@ -119,7 +119,7 @@ def test_evaluate_checkpoint_matches_the_evaluator_and_writes_eval_json(checkpoi
     direct = Evaluator.from_manifest(load_manifest(data))(peers, teacher)
     for key in ("test_acc", "ensemble_acc", "teacher_acc", "teacher_ensemble_acc"):
         assert result[key] == pytest.approx(direct[key])
-    saved = json.loads((run / "eval.json").read_text())
+    saved = json.loads((run / "eval-last.json").read_text())       # of last.pt (the run's only one)
     assert saved["epoch"] == 3 and saved["test_images"] == 24 and saved["test_acc"] == result["test_acc"]
 
 
@@ -129,7 +129,7 @@ def test_cnm_eval_cli(checkpoint_run, capsys, tmp_path):
         main(["eval", str(run / "last.pt"), "--data", str(data), "--device", "cpu", "--quiet"])
     assert e.value.code == 0
     out = capsys.readouterr()
-    assert "ensemble" in out.out and "teacher-ensemble" in out.out and "eval.json" in out.err
+    assert "ensemble" in out.out and "teacher-ensemble" in out.out and "eval-last.json" in out.err
     # bad input: one line, exit 1
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -138,7 +138,7 @@ def test_cnm_eval_cli(checkpoint_run, capsys, tmp_path):
                                      np.arange(4) % 3)},
                   dataset="fake", class_names=["a", "b", "c"], beton=False)
     for argv, msg in [([str(tmp_path / "missing")], "no such run directory"),
-                      ([str(bad)], "not a readable cnm checkpoint"),
+                      ([str(bad)], "not a complete checkpoint file"),
                       ([str(tmp_path)], "no best.pt or last.pt"),
                       ([str(run), "--data", str(tmp_path / "nodata")], "cnm prepare --dataset cifar100"),
                       ([str(run), "--data", str(other)], "3 classes")]:

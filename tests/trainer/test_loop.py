@@ -42,7 +42,9 @@ def data(tmp_path_factory):
 def test_run_layout_metrics_and_checkpoints(data, tmp_path):
     run = tmp_path / "run"
     result = train(tiny(data, run, epochs=2))
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "best.pt", "config.json", "last.pt",
+                                                     "metrics.jsonl", "prev.pt"]
+    assert ckpt.load_checkpoint(run / "prev.pt")["epoch"] == 1       # the last.pt it replaced
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["peer_exec"] == "loop" and cfg["device"] == "cpu" and cfg["bf16"] == "off"
     assert cfg["cuda_graphs"] == "off" and cfg["peers"] == 2 and cfg["_resolved"]["loader"] == "resident"
