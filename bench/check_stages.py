@@ -25,6 +25,16 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from pipeline import backends
+from pipeline.environment import describe
+from pipeline.ops import MODES, cutnmix, draw_params
+from pipeline.ops.numpy_baseline import numpy_cutnmix
+from pipeline.ops.params import CIFAR10_MEAN, CIFAR10_STD, norm_constants
+from trainer.distributed import GradAllReduce, ProcessGroupComm
+from trainer.peers import build_peers
+from trainer.teacher import EMATeacher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -109,32 +119,22 @@ def pytest_command(cuda: bool) -> list[str]:
 
 def describe_environment() -> dict:
     """cnm's own environment report (pipeline/environment.py)."""
-    from pipeline.environment import describe
-
     return describe()
 
 
 def build_peerset(archs: list[str], num_classes: int, device):
     """A PeerSet of `archs` (trainer.peers.build_peers), on `device`."""
-    from trainer.peers import build_peers
-
     return build_peers(archs, num_classes, "loop").to(device)
 
 
 def ema_teacher(peerset, decay: float):
     """trainer.teacher.EMATeacher: `.update(step 0-d tensor)`, `.module` the EMA PeerSet."""
-    from trainer.teacher import EMATeacher
-
     return EMATeacher(peerset, decay=decay)
 
 
 def world1_grad_all_reduce(params, device: torch.device):
     """A world-1 process group (NCCL on CUDA, gloo on the CPU) and the trainer's gradient
     averager over it (trainer.distributed.GradAllReduce: pack / reduce / unpack, or call)."""
-    import torch.distributed as dist
-
-    from trainer.distributed import GradAllReduce, ProcessGroupComm
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -150,9 +150,7 @@ def world1_grad_all_reduce(params, device: torch.device):
 
 def triton_views(images, params, out_dtype):
     """The Triton kernel itself (pipeline.ops.triton_impl; its base offsets are always 64-bit)."""
-    from pipeline.ops.core import CIFAR10_MEAN, CIFAR10_STD
-    from pipeline.ops.params import norm_constants
-    from pipeline.ops.triton_impl import triton_cutnmix_views
+    from pipeline.ops.triton_impl import triton_cutnmix_views  # triton: an optional back-end
 
     mean32, inv32 = norm_constants(CIFAR10_MEAN, CIFAR10_STD)
     return triton_cutnmix_views(images, params, mean32, inv32, out_dtype)
@@ -214,8 +212,6 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
 
 def triton_usable(cuda: bool) -> str | None:
     """None when the Triton kernel can run here, else why not."""
-    from pipeline import backends
-
     if not backends.available("triton"):
         return "triton is not installed (pip install triton)"
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -288,9 +284,6 @@ def stage_pytest_gpu(rep: Report, dev: torch.device, work: Path) -> None:
 
 def _oracle(images, params, dtype):
     """The reference views: numpy per-sample oracle in float32, rounded once to `dtype`."""
-    from pipeline.ops.core import CIFAR10_MEAN, CIFAR10_STD
-    from pipeline.ops.numpy_baseline import numpy_cutnmix
-
     b = images.shape[0]
     ref = numpy_cutnmix(images.cpu(), torch.arange(b), params.to("cpu"), mean=CIFAR10_MEAN, std=CIFAR10_STD,
                         out_dtype=torch.float32)[0]
@@ -298,15 +291,11 @@ def _oracle(images, params, dtype):
 
 
 def _views(images, params, dtype, impl):
-    from pipeline.ops import cutnmix
-
     return cutnmix(images, torch.arange(images.shape[0], device=images.device), params, out_dtype=dtype,
                    impl=impl)[0]
 
 
 def stage_op(rep: Report, dev: torch.device, work: Path) -> None:
-    from pipeline.ops import MODES, draw_params
-
     cuda = dev.type == "cuda"
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     why_not = triton_usable(cuda)
@@ -348,8 +337,6 @@ def _op_wide(rep: Report, dev: torch.device) -> None:
     """The 64-bit offsets: on CUDA at a batch whose output passes 2**31 values (when the memory
     allows) against the torch path, on the CPU the same kernel at B=8 against the oracle; then
     its last samples against the oracle through a small batch of them and their partners."""
-    from pipeline.ops import draw_params
-
     cuda = dev.type == "cuda"
     b = 2**31 // (3 * 32 * 32 * 3) + 1 if cuda else 8   # CUDA: P=3 fp32 views just past 2**31 values
     if cuda:
@@ -581,8 +568,6 @@ def _loss(peers, views, y):
 
 
 def stage_allreduce_graphs(rep: Report, dev: torch.device, work: Path) -> None:
-    import torch.distributed as dist
-
     cuda = dev.type == "cuda"
     if not dist.is_available():
         rep.skip("this torch build has no torch.distributed")
@@ -635,8 +620,6 @@ def _graphs_vs_eager(rep, dev, a, b, opt_a, opt_b, ema_a, ema_b, hook, batches) 
     """Part A (forward, backward, pack) and part B (unpack, SGD, EMA) captured as two graphs
     with the NCCL all-reduce eager between their replays; `b` runs the same steps eagerly, with
     its own GradAllReduce called whole between backward and the optimiser step."""
-    from trainer.distributed import GradAllReduce
-
     hook_b = GradAllReduce(b.parameters(), hook.comm)
     step_a = torch.zeros((), dtype=torch.int64, device=dev)
     x0, y0 = batches[0]

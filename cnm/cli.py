@@ -14,6 +14,7 @@ import sys
 import click
 
 from cnm import __version__
+from pipeline.errors import CnmError
 
 # name -> "module:attribute" of a click command
 COMMANDS = {
@@ -45,8 +46,6 @@ def cli():
 
 
 def main(argv=None) -> None:
-    from pipeline.errors import CnmError
-
     try:
         cli.main(args=argv, prog_name="cnm", standalone_mode=False)
     except CnmError as e:

@@ -18,6 +18,10 @@ import sys
 import time
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+from rich.table import Table
 
 CPU_WARN_S = 3600.0    # a CPU run whose estimate exceeds this is told how to shorten it
 WARN_AFTER_S = 10.0    # ... once this much of its first epoch has run (or at its end)
@@ -163,8 +167,6 @@ class Progress:
     @property
     def console(self):
         if self._console is None:
-            from rich.console import Console
-
             self._console = Console()
         return self._console
 
@@ -186,9 +188,6 @@ class Progress:
         self._ips = images_per_step
         if not self.enabled or self.quiet:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
-
         self._live = LiveLoss(device)
         self._bar = RichProgress(TextColumn(f"epoch {epoch + 1}/{self.epochs}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("{task.fields[ips]} img/s"),
@@ -266,8 +265,6 @@ class Progress:
 
 def accuracy_table(acc: dict, title: str = ""):
     """A rich Table of per-peer / ensemble / teacher accuracies (as in metrics rows and eval.json)."""
-    from rich.table import Table
-
     t = Table(title=title)
     t.add_column("model")
     t.add_column("test acc %", justify="right")

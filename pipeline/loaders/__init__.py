@@ -21,6 +21,7 @@ take are dropped.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import torch
@@ -52,8 +53,6 @@ def loader_class(name: str) -> type[BatchLoader]:
     module, cls, backend = LOADERS[name]
     if backend is not None:
         backends.require(backend, f"the {name} loader")
-    import importlib
-
     return getattr(importlib.import_module(module), cls)
 
 

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.data.manifest import images_file
 from pipeline.loaders.base import BatchLoader, augment_seed, default_workers, sample_seed
+from pipeline.ops.numpy_baseline import NumpyCutNMix
 
 
 class _SplitDataset(Dataset):
@@ -126,8 +127,6 @@ class CpuLoader(BatchLoader):
         _, labels = self.manifest.load_split(split, mmap=True, verify=True)
         numpy_aug = None
         if augment is not None:
-            from pipeline.ops.numpy_baseline import NumpyCutNMix
-
             numpy_aug = NumpyCutNMix(augment)
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self._current_epoch = 0

@@ -34,6 +34,7 @@ from pipeline.backends import require
 from pipeline.data.manifest import images_file
 from pipeline.errors import CnmError
 from pipeline.loaders.base import BatchLoader, augment_seed, default_workers
+from pipeline.ops import dali_graph
 
 
 class _EpochSource:
@@ -71,13 +72,11 @@ class _EpochSource:
         labels = np.ascontiguousarray(self.labels[index])
         if self.native_params is None:
             return images, labels
-        from pipeline.ops.dali_graph import dali_param_batches
-
         params = self.native_params(epoch, info.iteration, len(index))
         perm = params.perm.numpy()
         h, w = images.shape[1:3]
         return (images, labels, labels[perm], params.lam.numpy().astype(np.float32),
-                *dali_param_batches(params, h, w))
+                *dali_graph.dali_param_batches(params, h, w))
 
 
 class DaliLoader(BatchLoader):
@@ -123,8 +122,6 @@ class DaliLoader(BatchLoader):
                         seed=augment_seed(self.seed, base_epoch, self.rank, -1) % 2**31)
         with pipe:
             if self.native_augment:
-                from pipeline.ops import dali_graph
-
                 names = dali_graph.param_names(self.augment.mode)
                 nodes = fn.external_source(source=source, num_outputs=4 + len(names), batch=True,
                                            batch_info=True, layout=["HWC"] + [""] * (3 + len(names)))

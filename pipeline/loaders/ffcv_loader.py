@@ -28,11 +28,12 @@ yielded batch stays valid until that many more batches have been drawn -- clone 
 from __future__ import annotations
 
 import numpy as np
+import torch.distributed as dist
 
 from pipeline.backends import require
 from pipeline.data.manifest import beton_file
 from pipeline.errors import CnmError
-from pipeline.loaders.base import BatchLoader, derive_seed, test_shard_bounds
+from pipeline.loaders.base import BatchLoader, default_workers, derive_seed, test_shard_bounds
 
 ORDERS = ("native", "shared")
 
@@ -87,8 +88,6 @@ class FfcvLoader(BatchLoader):
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToDevice, ToTensor
-
-        from pipeline.loaders.base import default_workers
 
         image_pipe = [SimpleRGBImageDecoder(), ToTensor()]
         label_pipe = [IntDecoder(), ToTensor()]  # int64 [B,1]; reshaped below (Squeeze breaks B=1)
@@ -149,8 +148,6 @@ class FfcvLoader(BatchLoader):
 
 def _check_process_group(rank: int, world: int) -> None:
     """FFCV's distributed order takes rank/world from torch.distributed: they must agree."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         raise CnmError(f"the ffcv loader with world={world} shards through torch.distributed, which is not "
                        f"initialised; launch with torchrun, or pass order='shared'")

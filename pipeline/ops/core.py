@@ -37,6 +37,8 @@ from pipeline.ops.params import (
     norm_constants,
     resolve_dtype,
 )
+from pipeline.ops.reference import reference_cutnmix
+from pipeline.ops.torch_impl import torch_cutnmix_views
 
 IMPLS = ("auto", "reference", "torch", "numba", "triton")
 LAYOUTS = ("peers", "grouped")
@@ -107,8 +109,6 @@ def cutnmix(
         raise CnmError(f"unknown Cut^nMix output layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     which = resolve_impl(impl, images.device)
     if which == "reference":
-        from pipeline.ops.reference import reference_cutnmix
-
         views, y_a, y_b, lam = reference_cutnmix(images, labels, params, mean=mean, std=std, out_dtype=dtype)
         return (grouped_layout(views) if layout == "grouped" else views), y_a, y_b, lam
     images = images.contiguous()
@@ -127,8 +127,6 @@ def cutnmix(
         views = triton_cutnmix_views(images, params, mean32, inv_std32, dtype, layout=layout)
     else:
         if which == "torch":
-            from pipeline.ops.torch_impl import torch_cutnmix_views
-
             views = torch_cutnmix_views(images, params, mean32, inv_std32, dtype)
         if layout == "grouped":
             views = grouped_layout(views)
