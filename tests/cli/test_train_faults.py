@@ -30,7 +30,9 @@ from tests.trainer.test_resume import EPOCHS, ROOT, SETTINGS, _cli, _strip
 from trainer import checkpoint as ckpt
 from trainer.loop import train
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+# the children compute with the thread count of this process (conftest's), so that their metrics
+# can equal the in-process reference bit for bit (the thread count changes CPU summation order)
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 @pytest.fixture(scope="module")
