@@ -48,6 +48,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, make_config, resolve, resolved_dict
 from trainer.distributed import Comm
 from trainer.schedule import lr_at
+from trainer.teacher import teacher_warning
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -182,7 +183,7 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
     from trainer.peers import build_peers
     from trainer.progress import Progress
     from trainer.step import LossSetup, TrainStep, build_augment
-    from trainer.teacher import EMATeacher
+    from trainer.teacher import EMATeacher, resolve_decay
 
     comm = comm or Comm()
     loaded: dict = {}
@@ -230,7 +231,7 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
         peerset = convert_sync_batchnorm(peerset, device.type)
     peerset.train()
     comm.sync_module(peerset)                      # every rank starts from rank 0's weights
-    teacher = EMATeacher(peerset, decay=cfg.ema_decay) if cfg.teacher == "ema" else None
+    teacher = EMATeacher(peerset) if cfg.teacher == "ema" else None    # decay set once the steps are known
     if teacher is not None and state is not None and state.get("teacher") is not None:
         teacher.module.load_peer_state_dicts(state["teacher"])
     if teacher is not None:
@@ -252,6 +253,9 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
         if cfg.limit_train is not None:
             _limit_loader(loader, cfg.limit_train)
     steps_per_epoch = len(loader)
+    ema_decay = resolve_decay(cfg.ema_decay, steps_per_epoch)
+    if teacher is not None:
+        teacher.decay = ema_decay
     evaluator = Evaluator.from_manifest(manifest, device=device, bf16=res.bf16,
                                         channels_last=res.channels_last, rank=comm.rank,
                                         world=comm.world, reduce=comm.all_reduce_sum)
@@ -265,10 +269,10 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
     step.grad_hook = comm.grad_all_reduce(step.optimizer.params)   # None for one process
 
     # ---- run directory
-    config_out = resolved_dict(cfg, res)
+    config_out = resolved_dict(cfg, res, ema_decay=ema_decay)
     config_out["_resolved"] = {"loader": loader.name, "num_classes": K, "dataset": manifest.dataset,
                                "train_images": loader.num_samples * comm.world,
-                               "steps_per_epoch": steps_per_epoch, "world": comm.world,
+                               "steps_per_epoch": steps_per_epoch, "ema_decay": ema_decay, "world": comm.world,
                                "backend": comm.backend,
                                "torch": torch.__version__, "python": platform.python_version(),
                                "hostname": platform.node()}
@@ -365,6 +369,8 @@ def _epochs(cfg, res, comm, run, loader, step, evaluator, teacher, peerset, prog
         if comm.is_main:
             rows.append(row)
             ckpt.append_jsonl(run / ckpt.METRICS, row)
+            if (msg := teacher_warning(rows, cfg.rampup_epochs)) is not None:
+                progress.log(f"warning: {msg}")
             payload = {
                 "format": ckpt.CHECKPOINT_FORMAT, "config": config_saved, "requested": requested,
                 "epoch": epoch + 1,
