@@ -28,7 +28,8 @@ on 2 shared CPU cores: learnable quickly, not in one step.
 be told apart: at d the hue jitter is (1 + 3d)x wider, the object's texture contrast (1 - 0.6d)x,
 the disc's radius 3d px smaller, the distractor pattern up to 0.12 + 0.4d strong (it comes from
 the same ten class patterns, so it competes with the object's texture) and the pixel noise
-0.05 + 0.15d. Measured bands at d = 1 are in tests/pipeline/test_synthetic.py.
+0.05 + 0.15d. A ridge model on the features above (1000 train / 400 test) gets 0.89 at d = 0,
+0.76 at 0.2, 0.50 at 0.5 and chance at 1 (bands checked in tests/pipeline/test_synthetic.py).
 
 Deterministic: the same (num_classes, train_size, test_size, seed, difficulty) gives the same bytes with
 the same numpy build (PCG64 `default_rng` streams, fixed chunking); numpy builds whose float32

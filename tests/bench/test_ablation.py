@@ -42,7 +42,8 @@ def test_every_row_on_a_tiny_budget(data, tmp_path, capsys):
     full = json.loads((tmp_path / "runs" / "full-s0" / "config.json").read_text())
     assert full["teacher"] == "ema" and full["mix"] == "cutnmix" and full["fml"] is True
     assert full["rampup_epochs"] == round(1 * 80 / 300, 2)
-    assert 0 < full["_resolved"]["ema_decay"] < 1
+    steps = full["_resolved"]["steps_per_epoch"]                       # 16 images / batch 8 = 2
+    assert full["_resolved"]["ema_decay"] == full["ema_decay"] == pytest.approx(1 - 1 / (2.56 * steps))
 
 
 def test_subprocess_runs_json_and_reuse(data, tmp_path, capsys):

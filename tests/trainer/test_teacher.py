@@ -233,3 +233,43 @@ def test_teacher_warning_fires_once_after_the_rampup():
     no_teacher = [{"epoch": e, "teacher_ensemble_acc": None, "test_acc": [90.0]} for e in range(1, 9)]
     assert teacher_warning(no_teacher, rampup_epochs=0) is None
     assert teacher_warning([], rampup_epochs=0) is None
+
+
+def test_ema_decay_setting_round_trips_through_config_files(tmp_path):
+    """`ema_decay` is auto or a number: flags give strings, config files (and the config.json a
+    run writes, which records the resolved number) give numbers; bad values are one line."""
+    from trainer.config import load_config_file, make_config, parse_ema_decay
+
+    assert make_config().ema_decay == "auto" and parse_ema_decay("auto") is None
+    assert parse_ema_decay(make_config(overrides={"ema_decay": "0.97"}).ema_decay) == 0.97
+    (tmp_path / "c.json").write_text('{"ema_decay": 0.9875}')
+    cfg = make_config(load_config_file(tmp_path / "c.json"))
+    assert resolve_decay(cfg.ema_decay, 31) == 0.9875
+    (tmp_path / "c.toml").write_text('ema_decay = "auto"\n')
+    assert make_config(load_config_file(tmp_path / "c.toml")).ema_decay == "auto"
+    with pytest.raises(CnmError, match="--ema-decay must be auto or a number in"):
+        make_config(overrides={"ema_decay": "1.0"})
+    (tmp_path / "bad.toml").write_text("ema_decay = true\n")
+    with pytest.raises(CnmError, match="ema_decay must be a string"):
+        load_config_file(tmp_path / "bad.toml")
+
+
+def test_teacher_bn_statistics_follow_the_teacher_weights():
+    """With the default `buffers="ema"` the teacher's running mean/var are the same EMA of the
+    live peers' running statistics as its weights are of theirs, step by step (hand-computed
+    over several updates with the warm-up decays), and its step counter is the live one."""
+    live = _peers()
+    teacher = EMATeacher(live, decay=0.9)
+    expected = [b.clone() for b in teacher.module.buffers()]
+    gen = torch.Generator().manual_seed(1)
+    for t in range(4):
+        live.train()
+        live(torch.randn(2, 4, 3, 8, 8, generator=gen) * (t + 1))      # moves the live BN statistics
+        teacher.update(torch.tensor(t))
+        d = min(0.9, (1 + t) / (10 + t))
+        expected = [d * e + (1 - d) * b if b.is_floating_point() else b.clone()
+                    for e, b in zip(expected, live.buffers())]
+    for (name, got), want, cur in zip(teacher.module.named_buffers(), expected, live.buffers()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        if got.is_floating_point() and "running_var" in name:
+            assert not torch.equal(got, cur), name        # not the live peers' statistics
