@@ -140,14 +140,15 @@ def _run_in_process(argv: list[str], log: Path, threads: int, teacher_buffers: s
 
 def run_one(args, name: str, flags: tuple[str, ...], seed: int) -> RunResult:
     """One (row, seed) run; a run that already finished (metrics for every epoch) is reused with
-    --reuse."""
+    --reuse or --collect (which trains nothing)."""
     out = Path(args.out) / f"{name}-s{seed}"
     t0 = time.perf_counter()
-    if args.reuse:
+    if args.reuse or args.collect:
         try:
             return RunResult(name, seed, str(out), True, 0.0, read_metrics(out, args.epochs))
-        except CnmError:
-            pass
+        except CnmError as e:
+            if args.collect:
+                return RunResult(name, seed, str(out), False, 0.0, error=f"not run ({e})")
     if out.exists():
         for n in ("metrics.jsonl", "config.json", "last.pt", "best.pt"):
             (out / n).unlink(missing_ok=True)        # a fresh run in the same place
@@ -255,6 +256,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the EMA teacher's BatchNorm statistics: averaged (ema, cnm's default) or the "
                         "live peers' (copy); needs --in-process")
     p.add_argument("--reuse", action="store_true", help="reuse runs in --out that finished every epoch")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: tabulate the runs in --out that finished (the others are marked)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
     p.add_argument("--save", default=None, metavar="FILE.md", help="also write the table with its header")
     args = p.parse_args(argv)

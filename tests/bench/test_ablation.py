@@ -61,6 +61,12 @@ def test_subprocess_runs_json_and_reuse(data, tmp_path, capsys):
     again = json.loads(capsys.readouterr().out)
     assert again["rows"][1]["ens_final"] == rows["full"]["ens_final"]
     assert again["rows"][1]["seconds_per_run"] == 0.0
+    # --collect tabulates what finished and marks the rest, training nothing
+    assert ablation.main([*args, "--collect", "--rows", "independent,full,dml"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    dml = doc["rows"][2]
+    assert dml["runs"] == 0 and dml["failed"] and "not run" in dml["errors"][0]
+    assert not (tmp_path / "runs" / "dml-s0").exists()
 
 
 def test_a_failing_run_marks_its_row_failed(data, tmp_path, capsys, monkeypatch):
