@@ -210,9 +210,26 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def describe_data(data: str | os.PathLike) -> str:
+    """`DIR (dataset, counts, classes)`, with the `cnm prepare` command that recreates a
+    synthetic set."""
+    from pipeline.data.manifest import load_manifest
+
+    man = load_manifest(data)
+    text = (f"{data} ({man.dataset}, {man.counts.get('train')} train / {man.counts.get('test')} test images, "
+            f"{man.num_classes} classes)")
+    src = man.source or {}
+    if src.get("kind") == "synthetic":
+        text += (f"; recreate with `cnm prepare --dataset synthetic --num-classes {src['num_classes']} "
+                 f"--train-size {src['train_size']} --test-size {src['test_size']} --seed {src['seed']}"
+                 + (f" --difficulty {src['difficulty']}" if src.get("difficulty") else "") + f" --out {data}`")
+    return text
+
+
 def header(args, argv: list[str], wall_s: float) -> str:
     commit, dirty = git_state(REPO_ROOT)
     load = load_average()
+    rampup = args.rampup_epochs if args.rampup_epochs is not None else round(args.epochs * RAMPUP_FRACTION, 2)
     return "\n".join([
         f"# Ablation: {args.epochs} epochs, {args.seeds} seeds",
         "",
@@ -221,8 +238,13 @@ def header(args, argv: list[str], wall_s: float) -> str:
         (f"- machine: {cpu_model() or platform.machine()}, {os.cpu_count()} CPUs (shared), "
          f"{args.jobs if not args.in_process else 1} run(s) at a time, {args.threads} thread(s) each, "
          f"python {platform.python_version()}, load average at the end {load}"),
-        f"- finished: {_dt.datetime.now().isoformat(timespec='seconds')}, wall time {wall_s / 60:.1f} min",
-        f"- data: {args.data}" + (f" (first {args.limit_train} training images)" if args.limit_train else ""),
+        f"- finished: {_dt.datetime.now().isoformat(timespec='seconds')}, wall time {wall_s / 60:.1f} min"
+        + (" (--collect: tabulated from finished runs, trained by earlier commands)" if args.collect else ""),
+        f"- data: {describe_data(args.data)}"
+        + (f", first {args.limit_train} training images" if args.limit_train else ""),
+        (f"- settings: {args.peers} x {args.arch}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} "
+         f"{args.schedule}, ramp-up {rampup} epochs, seeds 0..{args.seeds - 1}, extra flags: "
+         f"{args.extra or 'none'}; every other setting is cnm's default (see each RUN/config.json)"),
         f"- EMA teacher BatchNorm statistics: {args.teacher_buffers or 'ema (default)'}",
         ("- accuracies: test top-1 in %, mean ± sample std over the seeds that finished; peer-ens: the "
          "peers' probability-averaged ensemble; teacher-ens: the EMA teachers' (only rows with an EMA "
