@@ -36,6 +36,7 @@ BUFFER_MODES = ("ema", "copy")
 # 1000 steps = 2.56 epochs.
 HORIZON_EPOCHS = 2.56
 WARN_PATIENCE = 3      # epochs after the ramp-up the teacher may trail the best peer before a warning
+WARN_MARGIN = 2.0      # points of test accuracy it must trail by (smaller gaps are test-set noise)
 
 
 def resolve_decay(decay: str | float, steps_per_epoch: int) -> float:
@@ -171,17 +172,18 @@ def peers_teacher(live_logits: torch.Tensor) -> torch.Tensor:
     return teacher_logits(live_logits)
 
 
-def teacher_warning(rows: list[dict], rampup_epochs: float, patience: int = WARN_PATIENCE) -> str | None:
+def teacher_warning(rows: list[dict], rampup_epochs: float, patience: int = WARN_PATIENCE,
+                    margin: float = WARN_MARGIN) -> str | None:
     """The warning to print after the last of `rows` (metrics.jsonl rows), or None.
 
     It fires once per run: at the first epoch that ends `patience` consecutive epochs, all
-    after the ramp-up (`epoch > rampup_epochs`), in which `teacher_ensemble_acc` was below the
-    best peer's `test_acc`. Stateless (a resumed run, whose rows are reloaded, does not repeat
-    it); rows without a teacher never warn."""
+    after the ramp-up (`epoch > rampup_epochs`), in which `teacher_ensemble_acc` was more than
+    `margin` points below the best peer's `test_acc`. Stateless (a resumed run, whose rows are
+    reloaded, does not repeat it); rows without a teacher never warn."""
     streak, fired_at = 0, None
     for i, r in enumerate(rows):
         t = r.get("teacher_ensemble_acc")
-        if t is None or r["epoch"] <= rampup_epochs or t >= max(r["test_acc"]):
+        if t is None or r["epoch"] <= rampup_epochs or t >= max(r["test_acc"]) - margin:
             streak = 0
             continue
         streak += 1
@@ -191,10 +193,10 @@ def teacher_warning(rows: list[dict], rampup_epochs: float, patience: int = WARN
         return None
     r = rows[-1]
     return (f"the EMA teacher ensemble ({r['teacher_ensemble_acc']:.2f}%) has been below the best peer "
-            f"({max(r['test_acc']):.2f}%) for {patience} epochs after the ramp-up: it pulls the peers "
-            f"down; try a shorter teacher horizon (--ema-decay, 'auto' = {HORIZON_EPOCHS} epochs) or "
-            f"--teacher peers")
+            f"({max(r['test_acc']):.2f}%) by more than {margin:g} points for {patience} epochs after the "
+            f"ramp-up: it pulls the peers down; try a shorter teacher horizon (--ema-decay, 'auto' = "
+            f"{HORIZON_EPOCHS} epochs) or --teacher peers")
 
 
-__all__ = ["BUFFER_MODES", "HORIZON_EPOCHS", "WARN_PATIENCE", "EMATeacher", "ema_decay", "peers_teacher",
+__all__ = ["BUFFER_MODES", "HORIZON_EPOCHS", "WARN_MARGIN", "WARN_PATIENCE", "EMATeacher", "ema_decay", "peers_teacher",
            "resolve_decay", "teacher_logits", "teacher_warning"]

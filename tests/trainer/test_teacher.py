@@ -226,10 +226,13 @@ def test_teacher_warning_fires_once_after_the_rampup():
     # epochs 1-3 are in the ramp-up, epoch 4 is good: the first 3-epoch streak ends at epoch 7
     assert fired == [7]
     msg = teacher_warning(_rows(pairs[:7]), rampup_epochs=3)
-    assert "50.00%" in msg and "60.00%" in msg and "3 epochs" in msg
+    assert "50.00%" in msg and "60.00%" in msg and "more than 2 points for 3 epochs" in msg
     assert teacher_warning(_rows(pairs[:7]), rampup_epochs=3, patience=4) is None
     assert teacher_warning(_rows(pairs[:8]), rampup_epochs=3, patience=4) is not None
     assert teacher_warning(_rows([(60.0, 60.0)] * 6), rampup_epochs=0) is None    # a tie is no fault
+    assert teacher_warning(_rows([(58.0, 60.0)] * 3), rampup_epochs=0) is None    # within the margin
+    assert teacher_warning(_rows([(57.5, 60.0)] * 3), rampup_epochs=0) is not None
+    assert teacher_warning(_rows([(57.5, 60.0)] * 3), rampup_epochs=0, margin=3) is None
     no_teacher = [{"epoch": e, "teacher_ensemble_acc": None, "test_acc": [90.0]} for e in range(1, 9)]
     assert teacher_warning(no_teacher, rampup_epochs=0) is None
     assert teacher_warning([], rampup_epochs=0) is None
