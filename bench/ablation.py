@@ -173,9 +173,11 @@ def aggregate(results: list[RunResult], rows: list[str], seeds: int) -> list[dic
     for name in rows:
         rs = [r for r in results if r.row == name]
         ok = [r for r in rs if r.ok]
+        not_run = [r for r in rs if not r.ok and (r.error or "").startswith("not run")]
         entry = {"row": name, "label": {n: lab for n, lab, _ in ROWS}[name],
                  "flags": " ".join({n: f for n, _, f in ROWS}[name]) or "(defaults)",
-                 "runs": len(ok), "seeds": seeds, "failed": len(ok) < seeds,
+                 "runs": len(ok), "seeds": seeds, "not_run": len(not_run),
+                 "failed": len(ok) + len(not_run) < seeds,
                  "errors": [f"seed {r.seed}: {r.error}" for r in rs if not r.ok],
                  "seconds_per_run": statistics.fmean(r.seconds for r in ok) if ok else None}
         for m in METRICS:
@@ -197,7 +199,8 @@ def markdown(table: list[dict]) -> str:
               "| mean peer final | Δ peer-ens final vs independent | s/run |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
-        runs = f"{t['runs']}/{t['seeds']}" + (" **failed**" if t["failed"] else "")
+        runs = (f"{t['runs']}/{t['seeds']}" + (" **failed**" if t["failed"] else "")
+                + (f" ({t['not_run']} not run)" if t["not_run"] else ""))
         delta = "-" if base is None or t["ens_final"] is None else \
             f"{t['ens_final']['mean'] - base['ens_final']['mean']:+.2f}"
         secs = "-" if t["seconds_per_run"] is None else f"{t['seconds_per_run']:.0f}"
@@ -206,7 +209,7 @@ def markdown(table: list[dict]) -> str:
                      f"{_cell(t['peer_final'])} | {delta} | {secs} |")
     errors = [f"- {t['row']} {e}" for t in table for e in t["errors"]]
     if errors:
-        lines += ["", "Failed runs:", *errors]
+        lines += ["", "Runs that failed or were not run:", *errors]
     return "\n".join(lines) + "\n"
 
 

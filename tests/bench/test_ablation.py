@@ -68,7 +68,7 @@ def test_subprocess_runs_json_and_reuse(data, tmp_path, capsys):
     assert ablation.main([*args, "--collect", "--rows", "independent,full,dml"]) == 1
     doc = json.loads(capsys.readouterr().out)
     dml = doc["rows"][2]
-    assert dml["runs"] == 0 and dml["failed"] and "not run" in dml["errors"][0]
+    assert dml["runs"] == 0 and dml["not_run"] == 1 and not dml["failed"] and "not run" in dml["errors"][0]
     assert not (tmp_path / "runs" / "dml-s0").exists()
 
 
