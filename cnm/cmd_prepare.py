@@ -56,11 +56,14 @@ def _size(n: int) -> str:
 @click.option("--train-size", type=int, default=None, help="synthetic: training images [5000].")
 @click.option("--test-size", type=int, default=None, help="synthetic: test images [1000].")
 @click.option("--seed", type=int, default=None, help="synthetic: generator seed [0].")
+@click.option("--difficulty", type=float, default=None,
+              help="synthetic: 0..1, how confusable the classes are (0: the default set; 1: two "
+                   "ResNet-20 peers stay well below 100%) [0].")
 @click.option("--no-beton", is_flag=True, help="Skip the FFCV .beton files even when ffcv is installed.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Where --download keeps the tarball [$CNM_CACHE_DIR or ~/.cache/cnm].")
 def prepare(dataset, source, download, out, force, lenient, num_classes, train_size, test_size, seed,
-            no_beton, cache_dir):
+            difficulty, no_beton, cache_dir):
     """Verify CIFAR-10/100 (or generate the synthetic set) and write the prepared directory:
     {train,test}_{images,labels}.npy, train.beton/test.beton (FFCV) and manifest.json.
 
@@ -68,13 +71,14 @@ def prepare(dataset, source, download, out, force, lenient, num_classes, train_s
     cnm prepare --dataset cifar100 --download --out data/cifar100
     cnm prepare --dataset cifar10 --source ~/cifar-10-python.tar.gz
     cnm prepare --dataset synthetic --num-classes 10 --train-size 5000 --out data/synthetic
+    cnm prepare --dataset synthetic --difficulty 1 --out data/synthetic-hard
     """
     from pipeline.data.prepare import prepare as run_prepare
 
     with _terminate_as_interrupt():
         res = run_prepare(dataset, out, source=source, download=download, force=force, lenient=lenient,
                           beton=False if no_beton else None, num_classes=num_classes, train_size=train_size,
-                          test_size=test_size, seed=seed, cache_dir=cache_dir, say=_say, warn=_warn)
+                          test_size=test_size, seed=seed, difficulty=difficulty, cache_dir=cache_dir, say=_say, warn=_warn)
     man = res.manifest
     total = sum(f["bytes"] for f in man.files.values())
     counts = " + ".join(f"{n} {split}" for split, n in man.counts.items())

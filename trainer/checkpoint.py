@@ -160,11 +160,12 @@ def write_run_config(run, command: str | None = None) -> dict:
     needs: `pipeline.environment.run_record` with `command`, and the sha256 of the dataset's
     manifest.json). Returns the dict written."""
     comm, loader = run.comm, run.loader
-    out = resolved_dict(run.cfg, run.res)
+    out = resolved_dict(run.cfg, run.res, ema_decay=run.ema_decay)
     out["_resolved"] = {"loader": loader.name, "num_classes": run.num_classes,
                         "dataset": run.manifest.dataset,
                         "train_images": loader.num_samples * comm.world,
-                        "steps_per_epoch": len(loader), "world": comm.world, "backend": comm.backend}
+                        "steps_per_epoch": len(loader), "world": comm.world, "backend": comm.backend,
+                        "ema_decay": run.ema_decay}
     out["_record"] = {**run_record(run.step.device, command),
                       "manifest_sha256": sha256_file(run.manifest.root / MANIFEST)}
     run.dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +197,7 @@ def run_state(run, *, epoch: int, global_step: int, lr: float, row: dict, best: 
     """The whole state of a run after `epoch` finished epochs, on the CPU (format above)."""
     cfg, teacher = run.cfg, run.teacher
     return _to_cpu({
-        "format": CHECKPOINT_FORMAT, "config": resolved_dict(cfg, run.res),
+        "format": CHECKPOINT_FORMAT, "config": resolved_dict(cfg, run.res, ema_decay=run.ema_decay),
         "requested": {**cfg.to_dict(), "out": str(run.dir), "resume": False, "allow_new_data": False},
         "epoch": epoch, "global_step": global_step, "archs": list(run.res.archs),
         "num_classes": run.num_classes,

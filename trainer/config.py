@@ -3,7 +3,8 @@
 The defaults are the online-distillation recipe of DESIGN.md (the CIFAR recipe shared by ONE,
 OKDDip and PCL): 300 epochs, batch 128, SGD momentum 0.9 nesterov, lr 0.1 divided by 10 at 50%
 and 75% of training, weight decay 5e-4, KD temperature 3, consistency ramp-up over 80 of 300 epochs,
-EMA teacher decay 0.999, Cut^nMix with Beta(1, 1) and mixing probability 0.5.
+EMA teacher decay auto (a 2.56-epoch horizon: 0.999 at 391 steps/epoch), Cut^nMix with Beta(1, 1)
+and mixing probability 0.5.
 
 Every field maps to exactly one flag of `cnm train` (`--field-name`, booleans as
 `--name/--no-name`); `tests/trainer/test_config.py` checks the mapping both ways. Precedence:
@@ -22,6 +23,8 @@ Settings whose best value depends on the machine are `"auto"` here and are resol
 - `loader`       auto -> decided by `pipeline.loaders.make_loader("auto", ...)`.
 - `out`          None -> `runs/<arch>-p<P>-<YYYYmmdd-HHMMSS>`.
 - `rampup_epochs` auto -> 80/300 of --epochs (the recipe's 80 of 300).
+- `ema_decay`    auto -> `1 - 1/(2.56 * steps_per_epoch)` (`trainer.teacher.resolve_decay`), once
+                 the loader knows the steps per epoch; config.json records the number.
 """
 
 from __future__ import annotations
@@ -100,7 +103,9 @@ class TrainConfig:
     rampup_epochs: str | float = _f("auto", "epochs over which the KD/FML weight ramps up "
                                     "(exp(-5(1-e/R)^2)); 0 = no ramp; auto: 80/300 of --epochs "
                                     "(the recipe's 80 of 300)", number_or_auto=True, metavar="R|auto")
-    ema_decay: float = _f(0.999, "EMA teacher decay")
+    ema_decay: str | float = _f("auto", "EMA teacher decay per step, or auto: the decay whose horizon "
+                                "1/(1-decay) is 2.56 epochs of this run (0.999 at 391 steps/epoch)",
+                                number_or_auto=True, metavar="D|auto")
     # ---- execution
     loader: str = _f("auto", "training data loader", LOADERS)
     device: str = _f("auto", "training device", DEVICES)
@@ -201,6 +206,19 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     if not isinstance(value, str):
         raise CnmError(f"{where}: {name} must be a string, got {value!r}")
     return value
+
+
+def parse_ema_decay(value: str | float) -> float | None:
+    """`--ema-decay`: None for auto, else the number (CnmError unless in [0, 1))."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        decay = float(value)
+    except (TypeError, ValueError):
+        raise CnmError(f"--ema-decay must be auto or a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= decay < 1.0:
+        raise CnmError(f"--ema-decay must be auto or a number in [0, 1), got {value!r}")
+    return decay
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -306,7 +324,8 @@ def validate(cfg: TrainConfig) -> None:
          f"--rampup-epochs must be >= 0 or auto, got {cfg.rampup_epochs}"),
         (cfg.eval_every >= 1, f"--eval-every must be >= 1, got {cfg.eval_every}"),
         (cfg.log_every >= 1, f"--log-every must be >= 1, got {cfg.log_every}"),
-        (0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
+        (cfg.ema_decay == "auto" or 0 <= cfg.ema_decay < 1,
+         f"--ema-decay must be auto or a number in [0, 1), got {cfg.ema_decay}"),
         (cfg.limit_train is None or cfg.limit_train >= 1,
          f"--limit-train must be >= 1, got {cfg.limit_train}"),
         (cfg.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}"),
@@ -316,6 +335,7 @@ def validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise CnmError(msg)
+    parse_ema_decay(cfg.ema_decay)
 
 
 @dataclass(frozen=True)
@@ -393,10 +413,13 @@ def latest_run(parent: str | os.PathLike = RUNS_DIR, checkpoint: str = "last.pt"
     return max(found, key=lambda c: c.stat().st_mtime).parent if found else None
 
 
-def resolved_dict(cfg: TrainConfig, res: Resolved) -> dict[str, Any]:
+def resolved_dict(cfg: TrainConfig, res: Resolved, ema_decay: float | None = None) -> dict[str, Any]:
     """The config as written to RUN/config.json: every field with `auto` replaced by its choice,
-    so `cnm train --config RUN/config.json` repeats the run on the same kind of machine."""
+    so `cnm train --config RUN/config.json` repeats the run on the same kind of machine.
+    `ema_decay`: the resolved per-step decay (`trainer.teacher.resolve_decay`), when known."""
     d = cfg.to_dict()
+    if ema_decay is not None:
+        d["ema_decay"] = ema_decay
     d.update(device=res.device, peer_exec=res.peer_exec, out=res.out,
              bf16="on" if res.bf16 else "off",
              channels_last="on" if res.channels_last else "off",

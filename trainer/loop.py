@@ -34,6 +34,7 @@ from trainer.run import Run, build_run, decide_run
 from trainer.rundir import LOCK, RunLock, clean_litter
 from trainer.schedule import lr_at
 from trainer.signals import Stop, graceful_stop, resume_hint
+from trainer.teacher import teacher_warning
 
 # The columns of a metrics row, in the order written: epoch (finished epochs, 1-based), lr (at the
 # epoch's first step), ramp w(e), loss (per step, summed over peers), ce / kd / fml (per step,
@@ -137,6 +138,8 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
                     ckpt.save_epoch(run.dir, saved, is_best)   # first: no row for an epoch not saved
                     ckpt.append_jsonl(run.dir / ckpt.METRICS, row)
                     rows.append(row)
+                    if (msg := teacher_warning(rows, run.res.rampup_epochs)) is not None:
+                        progress.log(f"warning: {msg}")
                     if tb is not None:
                         tb.epoch(row, run.step.loss_buffer)
                 done = epoch + 1

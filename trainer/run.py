@@ -26,7 +26,7 @@ from trainer.distributed import Comm, convert_sync_batchnorm
 from trainer.evaluate import Evaluator
 from trainer.peers import PeerSet, build_peers
 from trainer.step import LossSetup, TrainStep, build_augment
-from trainer.teacher import EMATeacher
+from trainer.teacher import EMATeacher, resolve_decay
 
 
 @dataclass
@@ -44,6 +44,11 @@ class Run:
     loader: BatchLoader
     evaluator: Evaluator
     step: TrainStep
+
+    @property
+    def ema_decay(self) -> float:
+        """--ema-decay as resolved for this run's steps per epoch (recorded in config.json)."""
+        return resolve_decay(self.cfg.ema_decay, len(self.loader))
 
     @property
     def num_classes(self) -> int:
@@ -128,10 +133,12 @@ def build_peers_for(cfg: TrainConfig, res: Resolved, comm: Comm, num_classes: in
     return peers
 
 
-def build_teacher(cfg: TrainConfig, peers: PeerSet) -> EMATeacher | None:
-    """The EMA teacher of `--teacher ema` (None otherwise); built after the loader so that its
-    settings may depend on the steps per epoch."""
-    return EMATeacher(peers, decay=cfg.ema_decay) if cfg.teacher == "ema" else None
+def build_teacher(cfg: TrainConfig, peers: PeerSet, steps_per_epoch: int) -> EMATeacher | None:
+    """The EMA teacher of `--teacher ema` (None otherwise); built after the loader because
+    `--ema-decay auto` is a horizon in epochs (docs/design.md#the-teacher)."""
+    if cfg.teacher != "ema":
+        return None
+    return EMATeacher(peers, decay=resolve_decay(cfg.ema_decay, steps_per_epoch))
 
 
 def build_train_loader(cfg: TrainConfig, comm: Comm, device: torch.device, augment: CutNMix) -> BatchLoader:
@@ -154,7 +161,7 @@ def build_run(cfg: TrainConfig, comm: Comm, manifest) -> Run:
                             mean=manifest.mean, std=manifest.std,
                             out_dtype=torch.bfloat16 if res.bf16 else torch.float32)
     loader = build_train_loader(cfg, comm, device, augment)
-    teacher = build_teacher(cfg, peers)
+    teacher = build_teacher(cfg, peers, len(loader))
     evaluator = Evaluator.from_manifest(manifest, device=device, bf16=res.bf16,
                                         channels_last=res.channels_last, rank=comm.rank,
                                         world=comm.world, reduce=comm.all_reduce_sum)

@@ -1,21 +1,22 @@
 """Self-ensemble teacher: an exponential moving average (EMA) of every peer's weights.
 
 The temporal mean teacher of Mean Teacher (Tarvainen & Valpola, NeurIPS 2017), used per peer as
-PCL's "peer mean teacher" (Wu & Gong, AAAI 2021). After every optimiser step
+PCL's "peer mean teacher" (Wu & Gong, AAAI 2021). After every optimiser step t (0-based)
 
-    decay_t = min(decay, 1 - 1/(step + 1))          (warm-up: a plain average early on)
+    decay_t = min(decay, (1 + t) / (10 + t))        (Mean Teacher's warm-up)
     θ̃ ← decay_t · θ̃ + (1 - decay_t) · θ
 
-for every parameter. `decay_t` is computed ON THE DEVICE from a step tensor and applied with
-`torch._foreach_mul_` on a 0-d tensor weight: no `.item()`, no host sync, no Python branch on tensor values, so the
-update can be captured in a CUDA graph. BatchNorm buffers (running mean/var,
-`num_batches_tracked`) are COPIED from the live peers by default (`buffers="copy"`): the common
-choice for EMA teachers evaluated in eval mode; `buffers="ema"` averages the float buffers with
-the same decay instead (the counter is always copied).
+for every parameter, and BatchNorm's running mean/var with the same decay (`buffers="ema"`,
+the default: the statistics belong to the averaged weights; `"copy"` takes the live peers').
+`decay` itself comes from `resolve_decay`: `auto` is the decay whose horizon 1/(1 - decay) is
+`HORIZON_EPOCHS` epochs of this run. `decay_t` is computed ON THE DEVICE from a step tensor and
+applied with `torch._foreach_mul_` on a 0-d tensor weight: no host sync, no Python branch on
+tensor values, so the update can be captured in a CUDA graph. `teacher_warning` reads the
+metrics rows and says, once, when the teacher has stopped teaching. See docs/design.md#the-teacher.
 
 The teacher's logits for peer k are those of EMA peer k on view k; `teacher_logits` averages
-them over peers into the ensemble target `t = mean_j z̃_j` (DESIGN.md). `peers_teacher` is the
-`--teacher peers` alternative: the detached mean of the live peers' logits.
+them into the ensemble target `t = mean_j z̃_j`. `peers_teacher` is the `--teacher peers`
+alternative: the detached mean of the live peers' logits.
 """
 
 from __future__ import annotations
@@ -26,15 +27,35 @@ import torch
 from torch import nn
 
 from pipeline.errors import CnmError
+from trainer.config import parse_ema_decay
 from trainer.peers import PeerSet
 
-BUFFER_MODES = ("copy", "ema")
+BUFFER_MODES = ("ema", "copy")
+# `--ema-decay auto`: the teacher averages over the last HORIZON_EPOCHS epochs, 1/(1 - decay)
+# steps. 2.56 epochs is the literature's 0.999 at batch 128 on 50k images (391 steps/epoch):
+# 1000 steps = 2.56 epochs.
+HORIZON_EPOCHS = 2.56
+WARN_PATIENCE = 3      # epochs after the ramp-up the teacher may trail the best peer before a warning
+WARN_MARGIN = 2.0      # points of test accuracy it must trail by (smaller gaps are test-set noise)
+
+
+def resolve_decay(decay: str | float, steps_per_epoch: int) -> float:
+    """`--ema-decay`: a number in [0, 1) as given, or "auto" -> `1 - 1/(HORIZON_EPOCHS * steps)`
+    (a horizon of `HORIZON_EPOCHS` epochs, never below one step: decay >= 0)."""
+    value = parse_ema_decay(decay)
+    if value is not None:
+        return value
+    if steps_per_epoch < 1:
+        raise CnmError(f"steps per epoch must be >= 1, got {steps_per_epoch}")
+    return 1.0 - 1.0 / max(1.0, HORIZON_EPOCHS * steps_per_epoch)
 
 
 def ema_decay(step: torch.Tensor, decay: float) -> torch.Tensor:
-    """`min(decay, 1 - 1/(step + 1))` as a float32 tensor on `step`'s device (no host sync)."""
+    """`min(decay, (1 + step)/(10 + step))` as a float32 0-d tensor on `step`'s device (no host
+    sync). Step 0 keeps 10% of the initialisation; after t steps its weight is
+    prod_{s<t} (1+s)/(10+s) = 9!·t!/(t+9)! (1e-5 after 20 steps, 3e-10 after 100)."""
     s = step.to(torch.float32)
-    return torch.clamp(1.0 - 1.0 / (s + 1.0), max=decay)
+    return torch.clamp((1.0 + s) / (10.0 + s), max=decay)
 
 
 class EMATeacher(nn.Module):
@@ -48,13 +69,14 @@ class EMATeacher(nn.Module):
     `peer_state_dicts()/load_peer_state_dicts()` give the mode-independent per-peer form.
     """
 
-    def __init__(self, peerset: PeerSet, decay: float = 0.999, buffers: str = "copy"):
+    default_buffers = "ema"    # the BatchNorm-statistics mode when none is given (bench.ablation varies it)
+
+    def __init__(self, peerset: PeerSet, decay: float = 0.999, buffers: str | None = None):
         super().__init__()
-        if not 0.0 <= decay < 1.0:
-            raise CnmError(f"EMA decay must be in [0, 1), got {decay}")
+        buffers = self.default_buffers if buffers is None else buffers
         if buffers not in BUFFER_MODES:
             raise CnmError(f"unknown EMA buffer mode {buffers!r}; choose one of: {', '.join(BUFFER_MODES)}")
-        self.decay = float(decay)
+        self.decay = decay
         self.buffer_mode = buffers
         self.module = copy.deepcopy(peerset)
         for p in self.module.parameters():
@@ -64,6 +86,18 @@ class EMATeacher(nn.Module):
         # The live peers are held outside the module tree: not in our state_dict, not moved by
         # our .to(); the trainer owns them.
         self.__dict__["_live"] = peerset
+
+    @property
+    def decay(self) -> float:
+        """The per-step decay (a Python float: a constant of a captured graph; set it before the
+        first update)."""
+        return self._decay
+
+    @decay.setter
+    def decay(self, value: float) -> None:
+        if not 0.0 <= value < 1.0:
+            raise CnmError(f"EMA decay must be in [0, 1), got {value}")
+        self._decay = float(value)
 
     @property
     def live(self) -> PeerSet:
@@ -77,7 +111,7 @@ class EMATeacher(nn.Module):
 
     @torch.no_grad()
     def update(self, step: torch.Tensor) -> None:
-        """One EMA step with `decay_t = min(decay, 1 - 1/(step+1))`, all on the device."""
+        """One EMA step with `decay_t = min(decay, (1+step)/(10+step))`, all on the device."""
         ema_params = list(self.module.parameters())
         live_params = list(self.live.parameters())
         if len(ema_params) != len(live_params):
@@ -138,4 +172,31 @@ def peers_teacher(live_logits: torch.Tensor) -> torch.Tensor:
     return teacher_logits(live_logits)
 
 
-__all__ = ["BUFFER_MODES", "EMATeacher", "ema_decay", "peers_teacher", "teacher_logits"]
+def teacher_warning(rows: list[dict], rampup_epochs: float, patience: int = WARN_PATIENCE,
+                    margin: float = WARN_MARGIN) -> str | None:
+    """The warning to print after the last of `rows` (metrics.jsonl rows), or None.
+
+    It fires once per run: at the first epoch that ends `patience` consecutive epochs, all
+    after the ramp-up (`epoch > rampup_epochs`), in which `teacher_ensemble_acc` was more than
+    `margin` points below the best peer's `test_acc`. Stateless (a resumed run, whose rows are
+    reloaded, does not repeat it); rows without a teacher never warn."""
+    streak, fired_at = 0, None
+    for i, r in enumerate(rows):
+        t = r.get("teacher_ensemble_acc")
+        if t is None or r["epoch"] <= rampup_epochs or t >= max(r["test_acc"]) - margin:
+            streak = 0
+            continue
+        streak += 1
+        if streak == patience and fired_at is None:
+            fired_at = i
+    if fired_at != len(rows) - 1:
+        return None
+    r = rows[-1]
+    return (f"the EMA teacher ensemble ({r['teacher_ensemble_acc']:.2f}%) has been below the best peer "
+            f"({max(r['test_acc']):.2f}%) by more than {margin:g} points for {patience} epochs after the "
+            f"ramp-up: it pulls the peers down; try a shorter teacher horizon (--ema-decay, 'auto' = "
+            f"{HORIZON_EPOCHS} epochs) or --teacher peers")
+
+
+__all__ = ["BUFFER_MODES", "HORIZON_EPOCHS", "WARN_MARGIN", "WARN_PATIENCE", "EMATeacher", "ema_decay", "peers_teacher",
+           "resolve_decay", "teacher_logits", "teacher_warning"]

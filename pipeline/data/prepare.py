@@ -2,7 +2,8 @@
 
     prepare("cifar100", "data/cifar100", source="cifar-100-python.tar.gz")
     prepare("cifar10", "data/cifar10", download=True)
-    prepare("synthetic", "data/synthetic", num_classes=10, train_size=5000, test_size=1000, seed=0)
+    prepare("synthetic", "data/synthetic", num_classes=10, train_size=5000, test_size=1000, seed=0,
+            difficulty=0.0)
 
 The output format is `pipeline.data.manifest` (npy arrays, FFCV betons when ffcv is installed,
 manifest.json with checksums and the source's identity). The write is atomic
@@ -27,7 +28,7 @@ from pipeline.data.manifest import Manifest, load_manifest, os_error_reason, rep
 from pipeline.errors import CnmError
 
 DATASETS = ("cifar10", "cifar100", "synthetic")
-SYNTHETIC_DEFAULTS = {"num_classes": 10, "train_size": 5000, "test_size": 1000, "seed": 0}
+SYNTHETIC_DEFAULTS = {"num_classes": 10, "train_size": 5000, "test_size": 1000, "seed": 0, "difficulty": 0.0}
 
 
 @dataclass
@@ -48,7 +49,7 @@ def check_options(dataset: str, *, source, download: bool, lenient: bool, synthe
               (["--lenient"] if lenient else [])
         if bad:
             raise CnmError(f"{' and '.join(bad)} cannot be used with --dataset synthetic (it is generated, "
-                           f"not read); see --num-classes, --train-size, --test-size, --seed")
+                           f"not read); see --num-classes, --train-size, --test-size, --seed, --difficulty")
         return
     if given:
         raise CnmError(f"{', '.join(given)} only apply to --dataset synthetic")
@@ -62,8 +63,9 @@ def check_options(dataset: str, *, source, download: bool, lenient: bool, synthe
 def describe_source(src: dict) -> str:
     kind = src.get("kind")
     if kind == "synthetic":
+        hard = f", difficulty {src['difficulty']}" if src.get("difficulty") else ""
         return (f"synthetic generator {src.get('generator')} (classes {src.get('num_classes')}, train "
-                f"{src.get('train_size')}, test {src.get('test_size')}, seed {src.get('seed')})")
+                f"{src.get('train_size')}, test {src.get('test_size')}, seed {src.get('seed')}{hard})")
     if kind in ("tarball", "folder"):
         return f"{src.get('name')} ({kind})"
     return "an unknown source"
@@ -72,7 +74,7 @@ def describe_source(src: dict) -> str:
 def prepare(dataset: str, out: str | os.PathLike | None = None, *, source: str | os.PathLike | None = None,
             download: bool = False, force: bool = False, lenient: bool = False, beton: bool | None = None,
             num_classes: int | None = None, train_size: int | None = None, test_size: int | None = None,
-            seed: int | None = None, cache_dir: str | os.PathLike | None = None, url: str | None = None,
+            seed: int | None = None, difficulty: float | None = None, cache_dir: str | os.PathLike | None = None, url: str | None = None,
             progress: bool = True, say: Callable[[str], None] | None = None,
             warn: Callable[[str], None] | None = None) -> PrepareResult:
     """Prepare `dataset` into `out` (default `data/<dataset>`); see the module docstring.
@@ -89,11 +91,13 @@ def prepare(dataset: str, out: str | os.PathLike | None = None, *, source: str |
         if warn:
             warn(msg)
 
-    params = {"num_classes": num_classes, "train_size": train_size, "test_size": test_size, "seed": seed}
+    params = {"num_classes": num_classes, "train_size": train_size, "test_size": test_size, "seed": seed,
+              "difficulty": difficulty}
     check_options(dataset, source=source, download=download, lenient=lenient, synthetic_params=params)
     out = Path(os.path.abspath(out if out is not None else Path("data") / dataset))
     if dataset == "synthetic":
-        params = {k: (SYNTHETIC_DEFAULTS[k] if v is None else int(v)) for k, v in params.items()}
+        params = {k: (SYNTHETIC_DEFAULTS[k] if v is None else type(SYNTHETIC_DEFAULTS[k])(v))
+                  for k, v in params.items()}
         synthetic.check_params(**params)
     if beton:
         from pipeline.backends import require
@@ -122,7 +126,8 @@ def prepare(dataset: str, out: str | os.PathLike | None = None, *, source: str |
     extra_labels: dict = {}
     if dataset == "synthetic":
         say(f"generating the synthetic set: {params['num_classes']} classes, {params['train_size']} train + "
-            f"{params['test_size']} test images, seed {params['seed']}")
+            f"{params['test_size']} test images, seed {params['seed']}"
+            + (f", difficulty {params['difficulty']}" if params["difficulty"] else ""))
         splits = synthetic.make_synthetic(**params)
         class_names = synthetic.class_names(params["num_classes"])
     else:

@@ -27,7 +27,7 @@ from trainer.models import MODELS
 def test_defaults_are_the_design_recipe():
     c = TrainConfig()
     assert (c.epochs, c.batch_size, c.lr, c.momentum, c.nesterov, c.weight_decay) == (300, 128, 0.1, 0.9, True, 5e-4)
-    assert (c.schedule, c.temperature, c.rampup_epochs, c.ema_decay) == ("step", 3.0, "auto", 0.999)
+    assert (c.schedule, c.temperature, c.rampup_epochs, c.ema_decay) == ("step", 3.0, "auto", "auto")
     assert (c.mix, c.alpha, c.mix_prob, c.teacher, c.fml) == ("cutnmix", 1.0, 0.5, "ema", True)
     assert (c.kd_weight, c.fml_weight, c.arch, c.num_peers, c.seed) == (1.0, 1.0, "resnet32", 3, 0)
     assert (c.data, c.out, c.limit_train, c.loader, c.device) == ("data/cifar100", None, None, "auto", "auto")

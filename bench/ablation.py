@@ -1,0 +1,336 @@
+"""Ablation of the framework's terms at a fixed budget and N seeds (`python -m bench.ablation`).
+
+Trains, with the same data, architecture, budget and seeds, the rows of ROWS (independent peers,
+Cut^nMix alone, CutMix + KD, DML, the full framework with CutMix, the full framework with cnm's
+defaults), each as a `cnm train` run (subprocesses, `--jobs` at a time, one CPU thread each by
+default; or in this process with `--in-process`). From every run's metrics.jsonl it reads the
+final and best peer-ensemble (`ensemble_acc`) and EMA-teacher-ensemble (`teacher_ensemble_acc`)
+accuracies and the final mean peer accuracy (`test_acc`), and prints a markdown table of
+mean ± sample standard deviation over seeds (or `--json`). A run that fails marks its row
+failed (the other seeds still count, with the number of runs that finished). `--save FILE.md`
+writes the table headed with the command, commit, machine and wall time. The ramp-up scales with
+the budget (cnm's 80 of 300 epochs) unless `--rampup-epochs` is given. See docs/evidence.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.report import atomic_write_text, cpu_model, git_state, load_average
+from pipeline.errors import CnmError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# (name, what it is, the `cnm train` flags that make it)
+ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("independent", "independent peers", ("--mix", "none", "--teacher", "none", "--no-fml")),
+    ("cutnmix", "Cut^nMix alone", ("--teacher", "none", "--no-fml")),
+    ("cutmix+kd", "CutMix + KD (EMA teacher)", ("--mix", "cutmix", "--no-fml")),
+    ("dml", "DML (peers teacher, FML)", ("--teacher", "peers", "--mix", "none")),
+    ("full-cutmix", "full framework, CutMix", ("--mix", "cutmix")),
+    ("full", "full framework (defaults)", ()),
+)
+ROW_NAMES = tuple(r[0] for r in ROWS)
+METRICS = ("ens_final", "ens_best", "teacher_final", "teacher_best", "peer_final")
+RAMPUP_FRACTION = 80 / 300          # cnm's default ramp-up over its default budget
+
+
+@dataclass
+class RunResult:
+    row: str
+    seed: int
+    run: str
+    ok: bool
+    seconds: float
+    metrics: dict = field(default_factory=dict)     # METRICS -> float | None
+    error: str | None = None
+
+
+def summarize_metrics(rows: list[dict]) -> dict:
+    """metrics.jsonl rows -> {ens_final, ens_best, teacher_final, teacher_best, peer_final}
+    (accuracies in %; teacher_* None without an EMA teacher)."""
+    if not rows:
+        raise CnmError("no metrics rows")
+    last = rows[-1]
+    teachers = [r["teacher_ensemble_acc"] for r in rows if r.get("teacher_ensemble_acc") is not None]
+    return {"ens_final": last["ensemble_acc"], "ens_best": max(r["ensemble_acc"] for r in rows),
+            "teacher_final": last.get("teacher_ensemble_acc"),
+            "teacher_best": max(teachers) if teachers else None,
+            "peer_final": sum(last["test_acc"]) / len(last["test_acc"])}
+
+
+def read_metrics(run: Path, epochs: int) -> dict:
+    """The summary of `run`/metrics.jsonl; CnmError unless it holds all `epochs` epochs."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise CnmError(f"{path}: missing")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if len(rows) < epochs:
+        raise CnmError(f"{path}: {len(rows)} of {epochs} epochs")
+    return summarize_metrics(rows[:epochs])
+
+
+def mean_spread(values: list[float | None]) -> tuple[float, float] | None:
+    """(mean, sample std; 0 for one value) of the non-None values, or None when there are none."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def train_args(args, row_flags: tuple[str, ...], seed: int, out: Path) -> list[str]:
+    """The `cnm train` arguments of one run."""
+    rampup = args.rampup_epochs if args.rampup_epochs is not None else round(args.epochs * RAMPUP_FRACTION, 2)
+    a = ["--data", str(args.data), "--arch", args.arch, "--peers", str(args.peers),
+         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+         "--schedule", args.schedule, "--rampup-epochs", str(rampup), "--device", args.device,
+         "--seed", str(seed), "--out", str(out), "--quiet"]
+    if args.limit_train is not None:
+        a += ["--limit-train", str(args.limit_train)]
+    return a + list(row_flags) + shlex.split(args.extra)
+
+
+def _run_subprocess(argv: list[str], log: Path, threads: int) -> str | None:
+    """`python -m cnm train ARGV` with `threads` CPU threads; None on success, else the error."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, "-m", "cnm", "train", *argv], check=False, stdout=f,
+                            stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT).returncode
+    if rc == 0:
+        return None
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    return f"exit {rc}: {lines[-1] if lines else 'no output'}"
+
+
+def _run_in_process(argv: list[str], log: Path, threads: int, teacher_buffers: str | None = None) -> str | None:
+    """The same run through click's parser and trainer.loop.train in this process;
+    `teacher_buffers` overrides the EMA teacher's BatchNorm-statistics mode for the run."""
+    import torch
+
+    from cnm.cmd_train import train as train_cmd
+    from trainer.teacher import EMATeacher
+
+    torch.set_num_threads(threads)
+    saved = EMATeacher.default_buffers
+    EMATeacher.default_buffers = teacher_buffers or saved
+    try:
+        with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            train_cmd.main(args=argv, standalone_mode=False)
+    except CnmError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 -- a crashed run marks its row failed; the ablation goes on
+        return f"{type(e).__name__}: {e}"
+    finally:
+        EMATeacher.default_buffers = saved
+    return None
+
+
+def run_one(args, name: str, flags: tuple[str, ...], seed: int) -> RunResult:
+    """One (row, seed) run; a run that already finished (metrics for every epoch) is reused with
+    --reuse or --collect (which trains nothing)."""
+    out = Path(args.out) / f"{name}-s{seed}"
+    t0 = time.perf_counter()
+    if args.reuse or args.collect:
+        try:
+            return RunResult(name, seed, str(out), True, 0.0, read_metrics(out, args.epochs))
+        except CnmError as e:
+            if args.collect:
+                return RunResult(name, seed, str(out), False, 0.0, error=f"not run ({e})")
+    if out.exists():
+        for n in ("metrics.jsonl", "config.json", "last.pt", "best.pt"):
+            (out / n).unlink(missing_ok=True)        # a fresh run in the same place
+    out.mkdir(parents=True, exist_ok=True)
+    argv = train_args(args, flags, seed, out)
+    if args.in_process:
+        error = _run_in_process(argv, out / "train.log", args.threads, args.teacher_buffers)
+    else:
+        error = _run_subprocess(argv, out / "train.log", args.threads)
+    seconds = time.perf_counter() - t0
+    if error is None:
+        try:
+            return RunResult(name, seed, str(out), True, seconds, read_metrics(out, args.epochs))
+        except CnmError as e:
+            error = str(e)
+    return RunResult(name, seed, str(out), False, seconds, error=error)
+
+
+def aggregate(results: list[RunResult], rows: list[str], seeds: int) -> list[dict]:
+    """Per row: runs finished, mean/spread of every metric over the finished runs, errors."""
+    out = []
+    for name in rows:
+        rs = [r for r in results if r.row == name]
+        ok = [r for r in rs if r.ok]
+        not_run = [r for r in rs if not r.ok and (r.error or "").startswith("not run")]
+        entry = {"row": name, "label": {n: lab for n, lab, _ in ROWS}[name],
+                 "flags": " ".join({n: f for n, _, f in ROWS}[name]) or "(defaults)",
+                 "runs": len(ok), "seeds": seeds, "not_run": len(not_run),
+                 "failed": len(ok) + len(not_run) < seeds,
+                 "errors": [f"seed {r.seed}: {r.error}" for r in rs if not r.ok],
+                 "seconds_per_run": statistics.fmean(r.seconds for r in ok) if ok else None}
+        for m in METRICS:
+            ms = mean_spread([r.metrics.get(m) for r in ok])
+            entry[m] = None if ms is None else {"mean": ms[0], "std": ms[1],
+                                                "values": [r.metrics.get(m) for r in ok]}
+        out.append(entry)
+    return out
+
+
+def _cell(x: dict | None) -> str:
+    return "-" if x is None else f"{x['mean']:.2f} ± {x['std']:.2f}"
+
+
+def markdown(table: list[dict]) -> str:
+    """The markdown table: one line per row, mean ± std of the accuracies in %."""
+    base = next((t for t in table if t["row"] == "independent" and t["ens_final"]), None)
+    lines = [("| row | flags | runs | peer-ens final | peer-ens best | teacher-ens final | teacher-ens best "
+              "| mean peer final | Δ peer-ens final vs independent | s/run |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        runs = (f"{t['runs']}/{t['seeds']}" + (" **failed**" if t["failed"] else "")
+                + (f" ({t['not_run']} not run)" if t["not_run"] else ""))
+        delta = "-" if base is None or t["ens_final"] is None else \
+            f"{t['ens_final']['mean'] - base['ens_final']['mean']:+.2f}"
+        secs = "-" if t["seconds_per_run"] is None else f"{t['seconds_per_run']:.0f}"
+        lines.append(f"| {t['label']} | `{t['flags']}` | {runs} | {_cell(t['ens_final'])} | "
+                     f"{_cell(t['ens_best'])} | {_cell(t['teacher_final'])} | {_cell(t['teacher_best'])} | "
+                     f"{_cell(t['peer_final'])} | {delta} | {secs} |")
+    errors = [f"- {t['row']} {e}" for t in table for e in t["errors"]]
+    if errors:
+        lines += ["", "Runs that failed or were not run:", *errors]
+    return "\n".join(lines) + "\n"
+
+
+def describe_data(data: str | os.PathLike) -> str:
+    """`DIR (dataset, counts, classes)`, with the `cnm prepare` command that recreates a
+    synthetic set."""
+    from pipeline.data.manifest import load_manifest
+
+    man = load_manifest(data)
+    text = (f"{data} ({man.dataset}, {man.counts.get('train')} train / {man.counts.get('test')} test images, "
+            f"{man.num_classes} classes)")
+    src = man.source or {}
+    if src.get("kind") == "synthetic":
+        text += (f"; recreate with `cnm prepare --dataset synthetic --num-classes {src['num_classes']} "
+                 f"--train-size {src['train_size']} --test-size {src['test_size']} --seed {src['seed']}"
+                 + (f" --difficulty {src['difficulty']}" if src.get("difficulty") else "") + f" --out {data}`")
+    return text
+
+
+def header(args, argv: list[str], wall_s: float) -> str:
+    commit, dirty = git_state(REPO_ROOT)
+    load = load_average()
+    rampup = args.rampup_epochs if args.rampup_epochs is not None else round(args.epochs * RAMPUP_FRACTION, 2)
+    return "\n".join([
+        f"# Ablation: {args.epochs} epochs, {args.seeds} seeds",
+        "",
+        f"- command: `python -m bench.ablation {shlex.join(argv)}`",
+        f"- commit: {commit or 'unknown'}{' (uncommitted changes)' if dirty else ''}",
+        (f"- machine: {cpu_model() or platform.machine()}, {os.cpu_count()} CPUs (shared), "
+         f"{args.jobs if not args.in_process else 1} run(s) at a time, {args.threads} thread(s) each, "
+         f"python {platform.python_version()}, load average at the end {load}"),
+        f"- finished: {_dt.datetime.now().isoformat(timespec='seconds')}, wall time {wall_s / 60:.1f} min"
+        + (" (--collect: tabulated from finished runs, trained by earlier commands)" if args.collect else ""),
+        f"- data: {describe_data(args.data)}"
+        + (f", first {args.limit_train} training images" if args.limit_train else ""),
+        (f"- settings: {args.peers} x {args.arch}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} "
+         f"{args.schedule}, ramp-up {rampup} epochs, seeds 0..{args.seeds - 1}, extra flags: "
+         f"{args.extra or 'none'}; every other setting is cnm's default (see each RUN/config.json)"),
+        f"- EMA teacher BatchNorm statistics: {args.teacher_buffers or 'ema (default)'}",
+        ("- accuracies: test top-1 in %, mean ± sample std over the seeds that finished; peer-ens: the "
+         "peers' probability-averaged ensemble; teacher-ens: the EMA teachers' (only rows with an EMA "
+         "teacher); final = last epoch, best = best epoch"),
+        "", ""])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.ablation", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="prepared dataset (e.g. `cnm prepare --dataset synthetic "
+                   "--difficulty 0.4 --train-size 256 --test-size 200 --out data/synthetic-hard-0.4`)")
+    p.add_argument("--out", default="runs/ablation", help="directory of the runs (ROW-sSEED each)")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs of every run")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--rows", default=",".join(ROW_NAMES), help="comma list of rows to run")
+    p.add_argument("--arch", default="resnet20", help="peer architecture")
+    p.add_argument("--peers", type=int, default=2, help="number of peers")
+    p.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    p.add_argument("--lr", type=float, default=0.0125, help="initial lr (CIFAR's 0.1 per 128 images)")
+    p.add_argument("--schedule", default="cosine", choices=("step", "cosine"), help="lr schedule")
+    p.add_argument("--rampup-epochs", type=float, default=None,
+                   help=f"KD/FML ramp-up [default: epochs x 80/300 = {RAMPUP_FRACTION:.3f} x epochs]")
+    p.add_argument("--limit-train", type=int, default=None, help="train on the first N images")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="training device")
+    p.add_argument("--extra", default="", help="more `cnm train` flags for every run (one string)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (subprocesses)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    p.add_argument("--in-process", action="store_true", help="run in this process, one at a time")
+    p.add_argument("--teacher-buffers", default=None, choices=("ema", "copy"),
+                   help="the EMA teacher's BatchNorm statistics: averaged (ema, cnm's default) or the "
+                        "live peers' (copy); needs --in-process")
+    p.add_argument("--reuse", action="store_true", help="reuse runs in --out that finished every epoch")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: tabulate the runs in --out that finished (the others are marked)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    p.add_argument("--save", default=None, metavar="FILE.md", help="also write the table with its header")
+    args = p.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROW_NAMES]
+    if unknown or not rows:
+        raise CnmError(f"--rows: unknown row(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ROW_NAMES)}")
+    if args.epochs < 1 or args.seeds < 1 or args.jobs < 1 or args.threads < 1:
+        raise CnmError("--epochs, --seeds, --jobs and --threads must be >= 1")
+    if args.teacher_buffers is not None and not args.in_process:
+        raise CnmError("--teacher-buffers needs --in-process (it is not a `cnm train` flag)")
+    if not Path(args.data).is_dir():
+        raise CnmError(f"--data {args.data}: not a directory (prepare it with `cnm prepare`)")
+    args.row_list = rows
+    return args
+
+
+def run_ablation(args) -> tuple[list[dict], float]:
+    """Every (row, seed) run of `args`; returns (aggregated table, wall seconds)."""
+    t0 = time.perf_counter()
+    flags = {n: f for n, _, f in ROWS}
+    todo = [(name, seed) for seed in range(args.seeds) for name in args.row_list]
+    if args.in_process or args.jobs == 1:
+        results = [run_one(args, n, flags[n], s) for n, s in todo]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(lambda ns: run_one(args, ns[0], flags[ns[0]], ns[1]), todo))
+    return aggregate(results, args.row_list, args.seeds), time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+        table, wall = run_ablation(args)
+        text = markdown(table)
+        if args.save:
+            atomic_write_text(Path(args.save), header(args, argv, wall) + text)
+    except CnmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"epochs": args.epochs, "seeds": args.seeds, "wall_s": wall, "rows": table},
+                         indent=2, allow_nan=False))
+    else:
+        print(text, end="")
+    return 1 if any(t["runs"] == 0 for t in table) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""bench.ablation: every row on a tiny budget (in process and as subprocesses), the metrics it
+reads, mean/spread, a failing run marked failed, bad arguments."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import ablation
+from pipeline.data.prepare import prepare
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("abl") / "syn"
+    prepare("synthetic", out, num_classes=4, train_size=16, test_size=8, seed=0, difficulty=0.5, beton=False)
+    return out
+
+
+def _args(data, out, *more):
+    return ["--data", str(data), "--out", str(out), "--epochs", "1", "--seeds", "1", "--batch-size", "8",
+            "--lr", "0.01", *more]
+
+
+def test_every_row_on_a_tiny_budget(data, tmp_path, capsys):
+    code = ablation.main(_args(data, tmp_path / "runs", "--in-process", "--save", str(tmp_path / "t.md")))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ")]
+    assert len(lines) == 1 + len(ablation.ROWS)                       # header + one line per row
+    for (name, label, flags), line in zip(ablation.ROWS, lines[1:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == label and cells[2] == "1/1" and len(cells) == 10
+        ema = "--teacher" not in flags                                 # rows with an EMA teacher
+        assert (cells[5] != "-" and cells[6] != "-") == ema, line     # teacher-ens final, best
+        assert all(c != "-" for c in cells[3:5] + cells[7:9]), line
+    saved = (tmp_path / "t.md").read_text()
+    assert "- command: `python -m bench.ablation --data" in saved and "- commit:" in saved
+    assert "wall time" in saved and saved.endswith(out[out.index("| row"):])
+    assert (f"recreate with `cnm prepare --dataset synthetic --num-classes 4 --train-size 16 --test-size 8 "
+            f"--seed 0 --difficulty 0.5 --out {data}`") in saved
+    assert "- settings: 2 x resnet20, 1 epochs, batch 8, lr 0.01 cosine, ramp-up 0.27 epochs" in saved
+    # every run read its own metrics: the full framework has a teacher, DML does not
+    full = json.loads((tmp_path / "runs" / "full-s0" / "config.json").read_text())
+    assert full["teacher"] == "ema" and full["mix"] == "cutnmix" and full["fml"] is True
+    assert full["rampup_epochs"] == round(1 * 80 / 300, 2)
+    steps = full["_resolved"]["steps_per_epoch"]                       # 16 images / batch 8 = 2
+    assert full["_resolved"]["ema_decay"] == full["ema_decay"] == pytest.approx(1 - 1 / (2.56 * steps))
+
+
+def test_subprocess_runs_json_and_reuse(data, tmp_path, capsys):
+    args = _args(data, tmp_path / "runs", "--rows", "independent,full", "--jobs", "2", "--json")
+    assert ablation.main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = {r["row"]: r for r in doc["rows"]}
+    assert list(rows) == ["independent", "full"]
+    assert rows["independent"]["teacher_final"] is None and rows["full"]["teacher_final"] is not None
+    metrics = [json.loads(x) for x in (tmp_path / "runs" / "full-s0" / "metrics.jsonl").read_text().splitlines()]
+    assert rows["full"]["ens_final"]["values"] == [metrics[-1]["ensemble_acc"]]
+    assert (tmp_path / "runs" / "full-s0" / "train.log").read_text().startswith("run ")
+    # --reuse reads the finished runs again instead of training
+    assert ablation.main([*args, "--reuse"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["rows"][1]["ens_final"] == rows["full"]["ens_final"]
+    assert again["rows"][1]["seconds_per_run"] == 0.0
+    # --collect tabulates what finished and marks the rest, training nothing
+    assert ablation.main([*args, "--collect", "--rows", "independent,full,dml"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    dml = doc["rows"][2]
+    assert dml["runs"] == 0 and dml["not_run"] == 1 and not dml["failed"] and "not run" in dml["errors"][0]
+    assert not (tmp_path / "runs" / "dml-s0").exists()
+
+
+def test_a_failing_run_marks_its_row_failed(data, tmp_path, capsys, monkeypatch):
+    real = ablation._run_in_process
+
+    def flaky(argv, log, threads, teacher_buffers=None):
+        if "peers" in argv:                     # the DML row (`--teacher peers`) crashes
+            raise_in = argv.index("peers")
+            return f"RuntimeError: injected failure at argument {raise_in}"
+        return real(argv, log, threads, teacher_buffers)
+
+    monkeypatch.setattr(ablation, "_run_in_process", flaky)
+    code = ablation.main(_args(data, tmp_path / "runs", "--in-process", "--rows", "independent,dml"))
+    out = capsys.readouterr().out
+    assert code == 1                            # a row with no finished run
+    assert "| DML (peers teacher, FML) | `--teacher peers --mix none` | 0/1 **failed** |" in out
+    assert "- dml seed 0: RuntimeError: injected failure" in out
+    assert "| independent peers | `--mix none --teacher none --no-fml` | 1/1 |" in out
+
+
+def test_teacher_buffers_are_set_for_the_run_only(data, tmp_path, capsys, monkeypatch):
+    from trainer import teacher as teacher_mod
+
+    seen = []
+    real_init = teacher_mod.EMATeacher.__init__
+
+    def spy(self, *a, **kw):
+        real_init(self, *a, **kw)
+        seen.append(self.buffer_mode)
+
+    monkeypatch.setattr(teacher_mod.EMATeacher, "__init__", spy)
+    assert ablation.main(_args(data, tmp_path, "--in-process", "--rows", "full", "--teacher-buffers",
+                               "copy")) == 0
+    assert seen == ["copy"] and teacher_mod.EMATeacher.default_buffers == "ema"
+    capsys.readouterr()
+
+
+def test_summary_and_spread():
+    rows = [{"epoch": 1, "ensemble_acc": 50.0, "teacher_ensemble_acc": 40.0, "test_acc": [45.0, 47.0]},
+            {"epoch": 2, "ensemble_acc": 70.0, "teacher_ensemble_acc": 72.0, "test_acc": [60.0, 62.0]},
+            {"epoch": 3, "ensemble_acc": 65.0, "teacher_ensemble_acc": 71.0, "test_acc": [64.0, 66.0]}]
+    assert ablation.summarize_metrics(rows) == {"ens_final": 65.0, "ens_best": 70.0, "teacher_final": 71.0,
+                                                "teacher_best": 72.0, "peer_final": 65.0}
+    assert ablation.mean_spread([1.0, 2.0, None, 3.0]) == (2.0, 1.0)
+    assert ablation.mean_spread([4.0]) == (4.0, 0.0) and ablation.mean_spread([None]) is None
+
+
+@pytest.mark.parametrize("more,words", [
+    (["--rows", "full,nope"], "unknown row(s) nope"),
+    (["--seeds", "0"], "must be >= 1"),
+    (["--teacher-buffers", "copy"], "needs --in-process"),
+])
+def test_bad_arguments(data, tmp_path, capsys, more, words):
+    assert ablation.main(_args(data, tmp_path, *more)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1
