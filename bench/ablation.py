@@ -9,7 +9,7 @@ accuracies and the final mean peer accuracy (`test_acc`), and prints a markdown 
 mean ± sample standard deviation over seeds (or `--json`). A run that fails marks its row
 failed (the other seeds still count, with the number of runs that finished). `--save FILE.md`
 writes the table headed with the command, commit, machine and wall time. The ramp-up scales with
-the budget (cnm's 80 of 300 epochs) unless `--rampup-epochs` is given. See docs/evidence.md.
+the budget (cnm's 80 of 300 epochs) unless `--rampup-epochs` is given. See docs/design.md#evidence.
 """
 
 from __future__ import annotations
@@ -29,8 +29,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.report import atomic_write_text, cpu_model, git_state, load_average
+import torch
+
+from pipeline.environment import cpu_model, git_info, load_average
 from pipeline.errors import CnmError
+from pipeline.fileio import atomic_write_text
+from trainer.config import FIELDS, RAMPUP_FRACTION, field_type, make_config
+from trainer.loop import train
+from trainer.teacher import EMATeacher
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # (name, what it is, the `cnm train` flags that make it)
@@ -44,7 +50,7 @@ ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 ROW_NAMES = tuple(r[0] for r in ROWS)
 METRICS = ("ens_final", "ens_best", "teacher_final", "teacher_best", "peer_final")
-RAMPUP_FRACTION = 80 / 300          # cnm's default ramp-up over its default budget
+
 
 
 @dataclass
@@ -115,20 +121,35 @@ def _run_subprocess(argv: list[str], log: Path, threads: int) -> str | None:
     return f"exit {rc}: {lines[-1] if lines else 'no output'}"
 
 
+def settings_from_argv(argv: list[str]) -> dict:
+    """`cnm train` flags as written by `train_args` -> TrainConfig values (typed by the fields)."""
+    values, i = {}, 0
+    while i < len(argv):
+        flag = argv[i][2:].replace("-", "_")
+        if flag.startswith("no_") and flag[3:] in FIELDS and field_type(flag[3:]) is bool:
+            values[flag[3:]], i = False, i + 1
+        elif flag in FIELDS and field_type(flag) is bool:
+            values[flag], i = True, i + 1
+        elif flag in FIELDS:
+            typ = field_type(flag)
+            raw = argv[i + 1]
+            values[flag] = typ(raw) if typ in (int, float) else raw
+            i += 2
+        else:
+            raise CnmError(f"unknown cnm train flag {argv[i]!r}")
+    return values
+
+
 def _run_in_process(argv: list[str], log: Path, threads: int, teacher_buffers: str | None = None) -> str | None:
     """The same run through click's parser and trainer.loop.train in this process;
     `teacher_buffers` overrides the EMA teacher's BatchNorm-statistics mode for the run."""
-    import torch
-
-    from cnm.cmd_train import train as train_cmd
-    from trainer.teacher import EMATeacher
-
     torch.set_num_threads(threads)
     saved = EMATeacher.default_buffers
     EMATeacher.default_buffers = teacher_buffers or saved
     try:
+        values = settings_from_argv(argv)
         with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            train_cmd.main(args=argv, standalone_mode=False)
+            train(make_config(None, values), explicit=set(values))
     except CnmError as e:
         return str(e)
     except Exception as e:  # noqa: BLE001 -- a crashed run marks its row failed; the ablation goes on
@@ -230,7 +251,8 @@ def describe_data(data: str | os.PathLike) -> str:
 
 
 def header(args, argv: list[str], wall_s: float) -> str:
-    commit, dirty = git_state(REPO_ROOT)
+    git = git_info(REPO_ROOT) or {}
+    commit, dirty = git.get("commit"), git.get("dirty")
     load = load_average()
     rampup = args.rampup_epochs if args.rampup_epochs is not None else round(args.epochs * RAMPUP_FRACTION, 2)
     return "\n".join([

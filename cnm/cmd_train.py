@@ -76,7 +76,7 @@ def _options(func):
                    "flags given here override it")
 @_options
 def train(config_file, **flags):
-    """Train P peers with Cut^nMix online distillation (defaults: DESIGN.md's recipe)."""
+    """Train P peers with Cut^nMix online distillation (defaults: docs/design.md#the-recipe)."""
     from trainer.config import command_line, load_config_file, make_config
     from trainer.distributed import launched
     from trainer.loop import train as run_training

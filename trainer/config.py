@@ -1,6 +1,6 @@
 """`TrainConfig`: every setting of `cnm train`, one typed dataclass, one CLI flag per field.
 
-The defaults are the online-distillation recipe of DESIGN.md (the CIFAR recipe shared by ONE,
+The defaults are the online-distillation recipe (docs/design.md#the-recipe: the CIFAR recipe shared by ONE,
 OKDDip and PCL): 300 epochs, batch 128, SGD momentum 0.9 nesterov, lr 0.1 divided by 10 at 50%
 and 75% of training, weight decay 5e-4, KD temperature 3, consistency ramp-up over 80 of 300 epochs,
 EMA teacher decay auto (a 2.56-epoch horizon: 0.999 at 391 steps/epoch), Cut^nMix with Beta(1, 1)
@@ -89,11 +89,11 @@ class TrainConfig:
     momentum: float = _f(0.9, "SGD momentum")
     nesterov: bool = _f(True, "Nesterov momentum")
     weight_decay: float = _f(5e-4, "L2 weight decay (all parameters)")
-    # ---- augmentation (DESIGN.md, Cut^nMix)
+    # ---- augmentation (docs/design.md#cutnmix-views)
     mix: str = _f("cutnmix", "mixed-sample augmentation", MIX_MODES)
     alpha: float = _f(1.0, "Beta(alpha, alpha) of the mixing ratio")
     mix_prob: float = _f(0.5, "probability that a sample is mixed")
-    # ---- online distillation (DESIGN.md, Online distillation)
+    # ---- online distillation (docs/design.md#losses)
     teacher: str = _f("ema", "KD teacher: EMA self-ensemble (ema), detached mean of the live peers "
                       "(peers), or no KD (none)", TEACHERS)
     fml: bool = _f(True, "feature-level mutual learning between peers")

@@ -103,8 +103,6 @@ def test_readme_docs_and_tests_do_not_cite_the_missing_design_file():
     assert not hits, f"{MISSING_FILE} does not exist; cited at {hits} (link a docs/ section instead)"
 
 
-@pytest.mark.xfail(strict=False, reason="code docstrings still cite the old design file; they are being "
-                   "pointed at docs/ sections (issue 11, item 5) and this check becomes strict then")
 def test_code_does_not_cite_the_missing_design_file():
     files = [p for d in CODE_DIRS for p in _text_files(ROOT / d)]
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in files

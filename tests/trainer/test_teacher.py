@@ -253,7 +253,7 @@ def test_ema_decay_setting_round_trips_through_config_files(tmp_path):
     with pytest.raises(CnmError, match="--ema-decay must be auto or a number in"):
         make_config(overrides={"ema_decay": "1.0"})
     (tmp_path / "bad.toml").write_text("ema_decay = true\n")
-    with pytest.raises(CnmError, match="ema_decay must be a number or auto"):
+    with pytest.raises(CnmError, match="--ema-decay must be a number or auto"):
         load_config_file(tmp_path / "bad.toml")
 
 
