@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import click
-import pytest
 
 from cnm.cli import cli
 
