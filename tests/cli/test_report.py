@@ -14,17 +14,11 @@ import pytest
 
 from cnm.cli import main
 from pipeline import backends
+from tests.cli.clirun import run_main
 from trainer.checkpoint import read_jsonl
 
 TRAIN = ["train", "--arch", "resnet20", "--peers", "2", "--batch-size", "16", "--limit-train", "32",
          "--device", "cpu", "--loader", "resident", "--quiet"]
-
-
-def run_main(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from cnm.cli import main
 from pipeline.data.manifest import write_dataset
+from tests.cli.clirun import run_main
 from trainer.config import FIELDS, flag_name
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_main(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

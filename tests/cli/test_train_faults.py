@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnm.cli import main
 from pipeline import fileio
+from tests.cli.clirun import run_main
 from tests.trainer.test_loop import synthetic_dir, tiny
 from tests.trainer.test_resume import EPOCHS, ROOT, SETTINGS, _cli, _strip
 from trainer import checkpoint as ckpt
@@ -54,12 +54,7 @@ def reference(reference_run):
     return _strip(ckpt.read_jsonl(reference_run / "metrics.jsonl"))
 
 
-def cnm(argv, capsys):
-    """`cnm ARGV` in this process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+cnm = run_main                                  # `cnm ARGV` in this process
 
 
 def one_error(code, err, *parts):

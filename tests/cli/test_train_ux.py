@@ -19,19 +19,13 @@ from pipeline import backends
 from pipeline.data.manifest import write_dataset
 from pipeline.data.synthetic import class_names, make_synthetic
 from pipeline.environment import git_info
+from tests.cli.clirun import run_main
 from trainer import progress as prog
 from trainer import tblog
 from trainer.checkpoint import load_checkpoint, read_jsonl
 from trainer.losses import rampup
 
 TIMING = ("images_per_s", "epoch_s", "eval_s")
-
-
-def run_main(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
