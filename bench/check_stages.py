@@ -34,7 +34,7 @@ from pipeline.ops.numpy_baseline import numpy_cutnmix
 from pipeline.ops.params import CIFAR10_MEAN, CIFAR10_STD, norm_constants
 from trainer.distributed import GradAllReduce, ProcessGroupComm
 from trainer.peers import build_peers
-from trainer.teacher import EMATeacher
+from trainer.teacher import EMATeacher, ema_decay
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -529,7 +529,7 @@ def stage_ema_capture(rep: Report, dev: torch.device, work: Path) -> None:
             _perturb(live, step)
             before = [t.clone() for t in teacher.module.parameters()]
             teacher.update(torch.tensor(step))
-            d = min(decay, 1 - 1 / (step + 1))
+            d = float(ema_decay(torch.tensor(step), decay))   # the teacher's own warm-up schedule
             for ema, old, new in zip(teacher.module.parameters(), before, live.parameters()):
                 torch.testing.assert_close(ema, d * old + (1 - d) * new, rtol=1e-5, atol=1e-6)
         rep.numbers.update(updates=steps, formula="matches")
