@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -28,6 +29,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 TORCH_THREADS = torch.get_num_threads()
+
+# Tests send Ctrl-C (SIGINT) to child processes. A process started in the background inherits
+# SIGINT *ignored* (POSIX shells do that for `cmd &`; CI runners may too), and an ignored signal
+# stays ignored across exec, so the children would never see it. A handled signal is reset to the
+# default on exec: handle it here as Python does in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

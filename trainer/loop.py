@@ -106,7 +106,6 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
             if tb is not None:
                 tb.hparams(config)
         progress = Progress(epochs=cfg.epochs, quiet=cfg.quiet, enabled=comm.is_main, console=console)
-        _announce(run, progress, start_epoch, meta)
         done = start_epoch
         def where() -> str:
             line = resume_hint(run.dir, done, cfg.epochs)
@@ -120,6 +119,7 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, comm: Comm | No
         # blocked in a collective could not act on a flag (the atomic checkpoints stay intact)
         stopping = graceful_stop(where) if comm.world == 1 else contextlib.nullcontext(None)
         with stopping as stop:
+            _announce(run, progress, start_epoch, meta)   # inside: a signal after the banner stops cleanly
             for epoch in range(start_epoch, cfg.epochs):
                 m = train_one_epoch(run, epoch, progress, stop)
                 if m["bad_step"] >= 0:

@@ -252,12 +252,6 @@ def test_default_out_is_data_dataset(tmp_path, capsys, monkeypatch):
     assert code == 0 and (tmp_path / "data" / "synthetic" / "manifest.json").is_file()
 
 
-def _default_sigint():
-    """A child of a background job inherits SIGINT ignored (POSIX shells do that for `cmd &`), and
-    Python then keeps ignoring it: give the child the default disposition, as in a terminal."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _interrupt_mid_write(out: Path, sig: int):
     """Run `cnm prepare` into `out`, freeze it (SIGSTOP) as soon as it says it is writing, and
     if its temporary directory exists then, send `sig` and resume it. Returns (caught mid-write,
@@ -265,8 +259,7 @@ def _interrupt_mid_write(out: Path, sig: int):
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cnm", "prepare", "--dataset", "synthetic", "--train-size",
                              "12000", "--test-size", "2000", "--no-beton", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=_default_sigint)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
         for line in proc.stdout:

@@ -96,11 +96,13 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(data, tmp_
 
 
 def test_synthetic_run_learns_far_above_chance(tmp_path_factory, tmp_path):
-    """Evidence: 10-class synthetic set (chance 10%), two resnet20 peers, full recipe
-    (Cut^nMix, EMA teacher, FML), 3 epochs of 768 images, CPU: about 35 s of CPU time (reached
-    an 84% ensemble when measured; asserted: 40%)."""
+    """Evidence that the trainer learns: 10-class synthetic set (chance 10%), two resnet20 peers,
+    the full recipe (Cut^nMix, EMA teacher, FML), 3 epochs of 768 images, CPU: about 35 s of CPU
+    time (reached an 84% ensemble when measured; asserted: 40%). The distillation ramp is held at
+    80 epochs, so these 3 epochs test learning; what the distillation terms do at short budgets
+    (they cost accuracy: issue 15) is measured by bench/ablation.py (docs/design.md#evidence)."""
     data = synthetic_dir(tmp_path_factory.mktemp("learn"), classes=10, train=768, test=256)
-    result = train(tiny(data, tmp_path / "run", epochs=3, batch_size=64, lr=0.05))
+    result = train(tiny(data, tmp_path / "run", epochs=3, batch_size=64, lr=0.05, rampup_epochs=80.0))
     last = result["last"]
     assert last["ensemble_acc"] >= 40.0, last            # chance is 10%
     assert max(last["test_acc"]) >= 35.0, last
