@@ -2,8 +2,8 @@
 
 Trains, with the same data, architecture, budget and seeds, the rows of ROWS (independent peers,
 Cut^nMix alone, CutMix + KD, DML, the full framework with CutMix, the full framework with cnm's
-defaults), each as a `cnm train` run (subprocesses, `--jobs` at a time, one CPU thread each by
-default; or in this process with `--in-process`). From every run's metrics.jsonl it reads the
+defaults, the full framework with unaligned views), each as a `cnm train` run (subprocesses,
+`--jobs` at a time, one CPU thread each by default; or in this process with `--in-process`). From every run's metrics.jsonl it reads the
 final and best peer-ensemble (`ensemble_acc`) and EMA-teacher-ensemble (`teacher_ensemble_acc`)
 accuracies and the final mean peer accuracy (`test_acc`), and prints a markdown table of
 mean ± sample standard deviation over seeds (or `--json`). A run that fails marks its row
@@ -47,6 +47,7 @@ ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("dml", "DML (peers teacher, FML)", ("--teacher", "peers", "--mix", "none")),
     ("full-cutmix", "full framework, CutMix", ("--mix", "cutmix")),
     ("full", "full framework (defaults)", ()),
+    ("full-unaligned", "full framework, unaligned views", ("--no-align-views",)),
 )
 ROW_NAMES = tuple(r[0] for r in ROWS)
 METRICS = ("ens_final", "ens_best", "teacher_final", "teacher_best", "peer_final")

@@ -100,6 +100,9 @@ class TrainConfig:
     kd_weight: float = _f(1.0, "weight of the KD term (gamma_kd)")
     fml_weight: float = _f(1.0, "weight of the feature mutual-learning term (gamma_fml)")
     temperature: float = _f(3.0, "KD temperature T")
+    align_views: bool = _f(True, "where Cut^nMix shows the peers different content (a mixed sample's "
+                           "box at a different place per peer), KD to each peer's own EMA teacher "
+                           "on its own view and no FML")
     rampup_epochs: str | float = _f("auto", "epochs over which the KD/FML weight ramps up "
                                     "(exp(-5(1-e/R)^2)); 0 = no ramp; auto: 80/300 of --epochs "
                                     "(the recipe's 80 of 300)", number_or_auto=True, metavar="R|auto")

@@ -12,6 +12,7 @@ autocast-lowered ops). Nothing here synchronises with the host.
 - `fml_loss`: feature-level mutual learning: `mean_{j≠k} ||f̂_k - stopgrad(f̂_j)||²` on
   L2-normalised features; `||·||²` is the per-sample squared Euclidean distance (summed over
   the F feature dimensions, so it lies in [0, 4]), then a batch mean.
+- `shared_content`: which samples every peer sees with the same content (docs/design.md#losses).
 - `rampup`: the consistency ramp-up of Laine & Aila 2017 / Tarvainen & Valpola 2017,
   `exp(-5(1 - min(e/R, 1))²)`.
 """
@@ -48,13 +49,23 @@ def mixed_ce(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
     return loss.mean(dim=1)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+def _masked_mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the last dim of `x [..., B]`, over the samples with weight 1 when `weight [B]`
+    (0/1) is given: `sum_b w_b x_b / max(sum_b w_b, 1)` (0 when no sample counts; no host sync)."""
+    if weight is None:
+        return x.mean(dim=-1)
+    w = weight.to(x.dtype)
+    return (x * w).sum(dim=-1) / w.sum().clamp_min(1.0)
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float,
+            weight: torch.Tensor | None = None) -> torch.Tensor:
     """Knowledge-distillation loss per peer.
 
     student `[P, B, K]`, teacher `[B, K]` (one target for every peer) or `[P, B, K]` (one per
-    peer), temperature `T > 0` -> `[P]` float32:
-    `T² · mean_b KL(softmax(t_b/T) || softmax(z_kb/T))`. The teacher is detached: no gradient
-    reaches it.
+    peer), temperature `T > 0`, optional `weight [B]` (0/1: the samples that count) -> `[P]`
+    float32: `T² · mean_b KL(softmax(t_b/T) || softmax(z_kb/T))`, the mean over the counted
+    samples. The teacher is detached: no gradient reaches it.
     """
     if T <= 0:
         raise CnmError(f"temperature must be > 0, got {T}")
@@ -65,15 +76,17 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Ten
     log_q = torch.log_softmax(z, dim=-1)
     log_p = torch.log_softmax(t, dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)         # [P, B]
-    return kl.mean(dim=1) * (T * T)
+    return _masked_mean(kl, weight) * (T * T)
 
 
-def fml_loss(features: Sequence[torch.Tensor]) -> torch.Tensor:
+def fml_loss(features: Sequence[torch.Tensor], weight: torch.Tensor | None = None) -> torch.Tensor:
     """Feature-level mutual learning per peer.
 
-    features: P tensors `[B, F]` (any float dtype, equal F) -> `[P]` float32:
-    `loss_k = 1/(P-1) · Σ_{j≠k} mean_b ||f̂_kb - stopgrad(f̂_jb)||²`, f̂ = f / ||f||₂. Peer k's loss
-    pulls only peer k (the other peers are stop-gradient targets). P = 1 -> `[0.]`.
+    features: P tensors `[B, F]` (any float dtype, equal F), optional `weight [B]` (0/1: the
+    samples that count) -> `[P]` float32:
+    `loss_k = 1/(P-1) · Σ_{j≠k} mean_b ||f̂_kb - stopgrad(f̂_jb)||²`, f̂ = f / ||f||₂, the mean over
+    the counted samples. Peer k's loss pulls only peer k (the other peers are stop-gradient
+    targets). P = 1 -> `[0.]`.
     Unequal feature sizes (a mixed ensemble) -> CnmError: pass --no-fml.
     """
     P = len(features)
@@ -89,7 +102,20 @@ def fml_loss(features: Sequence[torch.Tensor]) -> torch.Tensor:
     target = f.detach()
     # diff[k, j] = f̂_k - sg(f̂_j); the j = k term is 0 in value and in gradient (2(f̂_k - f̂_k)).
     dist = (f.unsqueeze(1) - target.unsqueeze(0)).square().sum(dim=-1)    # [P, P, B]
-    return dist.mean(dim=-1).sum(dim=1) / (P - 1)
+    return _masked_mean(dist, weight).sum(dim=1) / (P - 1)
+
+
+def shared_content(lam: torch.Tensor, mode: str) -> torch.Tensor:
+    """`[B]` bool: True where every peer's view shows the same content up to its crop and flip.
+
+    Only Cut^nMix (`mode == "cutnmix"`) gives a mixed sample's peers different content (the box,
+    of one size, lies at a different place for every peer, so one peer may see the partner's
+    object where another sees its own); an unmixed sample (lam = 1) and every sample of cutmix,
+    mixup and none are shared. lam float `[B]` (1.0 where not mixed).
+    """
+    if mode == "cutnmix":
+        return lam == 1
+    return torch.ones_like(lam, dtype=torch.bool)
 
 
 def rampup(epoch: float, rampup_epochs: float = 80) -> float:
@@ -102,4 +128,4 @@ def rampup(epoch: float, rampup_epochs: float = 80) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
-__all__ = ["fml_loss", "kd_loss", "mixed_ce", "rampup"]
+__all__ = ["fml_loss", "kd_loss", "mixed_ce", "rampup", "shared_content"]

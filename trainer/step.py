@@ -5,6 +5,8 @@ One step on a batch (docs/design.md#the-train-step):
     views, y_a, y_b, lam = input form (below)             views [P,B,3,32,32], peer k gets views[k]
     logits [P,B,K], features [P x [B,F]] = PeerSet(views)    (loop: one peer after another; grouped: all at once)
     t = mean_j EMA_j(views[j])   (teacher ema)  |  mean_j z_j.detach()  (teacher peers)
+    with align_views, on the Cut^nMix samples whose peers see different content: t_k = EMA_k(views[k])
+    (ema; peers: no KD there) and no FML there (trainer/losses.py shared_content)
     loss = sum_k [ CE_k + w(e) * (kd_weight * KD_k(t) + fml_weight * FML_k) ]
     loss.backward(); [gradient hook]; SGD (trainer/optim.py) with lr from a device tensor; EMA update
 
@@ -60,6 +62,7 @@ class LossSetup:
     kd_weight: float = 1.0
     fml_weight: float = 1.0
     temperature: float = 3.0
+    align_views: bool = True    # KD/FML only between views that show the same content
 
 
 # ----------------------------------------------------------------------------- input forms
@@ -266,16 +269,22 @@ class TrainStep:
         logits = logits.float()
         ce = L.mixed_ce(logits, y_a, y_b, lam)                           # [P]
         zero = torch.zeros(P, dtype=torch.float32, device=logits.device)
+        # shared [B] bool: the samples whose P views show the same content (all, unless aligning
+        # Cut^nMix views); the cross-peer terms (ensemble target, FML) use only those.
+        shared = L.shared_content(lam, self.augment.mode) if cfg.align_views else None
+        kd_weight = None
         if cfg.teacher == "ema":
             with torch.no_grad(), self._autocast():
-                t_logits = self.teacher(views)                            # [P,B,K]
-            teacher = t_logits.float().mean(0)
+                t_logits = self.teacher(views).float()                    # [P,B,K]
+            teacher = t_logits.mean(0)
+            if shared is not None:                # elsewhere each peer's own EMA on its own view
+                teacher = torch.where(shared.view(1, -1, 1), teacher.unsqueeze(0), t_logits)
         elif cfg.teacher == "peers":
-            teacher = logits.detach().mean(0)
+            teacher, kd_weight = logits.detach().mean(0), shared
         else:
             teacher = None
-        kd = L.kd_loss(logits, teacher, cfg.temperature) if teacher is not None else zero
-        fml = L.fml_loss([f.float() for f in feats]) if cfg.fml else zero
+        kd = L.kd_loss(logits, teacher, cfg.temperature, kd_weight) if teacher is not None else zero
+        fml = L.fml_loss([f.float() for f in feats], shared) if cfg.fml else zero
         per_peer = ce + self.ramp_t * (cfg.kd_weight * kd + cfg.fml_weight * fml)
         total = per_peer.sum()
         total.backward()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import CnmError
-from trainer.losses import fml_loss, kd_loss, mixed_ce, rampup
+from trainer.losses import fml_loss, kd_loss, mixed_ce, rampup, shared_content
 
 P, B, K = 3, 6, 5
 
@@ -169,3 +169,26 @@ def test_losses_under_bf16_autocast_stay_fp32():
         outs = [mixed_ce(low, y, y, torch.ones(B)), kd_loss(low, low[0], 3.0),
                 fml_loss(list(low))]
     assert all(o.dtype == torch.float32 for o in outs)
+
+
+def test_weighted_kd_and_fml_are_the_means_over_the_counted_samples():
+    torch.manual_seed(3)
+    P, B, K, F = 3, 7, 5, 6
+    student, teacher = torch.randn(P, B, K), torch.randn(P, B, K)
+    feats = [torch.randn(B, F) for _ in range(P)]
+    w = torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.bool)
+    idx = w.nonzero().squeeze(1)
+    torch.testing.assert_close(kd_loss(student, teacher, 3.0, w), kd_loss(student[:, idx], teacher[:, idx], 3.0))
+    torch.testing.assert_close(fml_loss(feats, w), fml_loss([f[idx] for f in feats]))
+    none = torch.zeros(B, dtype=torch.bool)          # no sample counts: 0, not NaN
+    assert torch.equal(kd_loss(student, teacher, 3.0, none), torch.zeros(P))
+    assert torch.equal(fml_loss(feats, none), torch.zeros(P))
+    ones = torch.ones(B, dtype=torch.bool)
+    torch.testing.assert_close(fml_loss(feats, ones), fml_loss(feats))
+
+
+def test_shared_content_only_separates_cutnmix_mixed_samples():
+    lam = torch.tensor([1.0, 0.75, 1.0, 0.25])
+    assert shared_content(lam, "cutnmix").tolist() == [True, False, True, False]
+    for mode in ("cutmix", "mixup", "none"):
+        assert shared_content(lam, mode).tolist() == [True] * 4
