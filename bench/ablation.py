@@ -67,12 +67,16 @@ class RunResult:
 
 def summarize_metrics(rows: list[dict]) -> dict:
     """metrics.jsonl rows -> {ens_final, ens_best, teacher_final, teacher_best, peer_final}
-    (accuracies in %; teacher_* None without an EMA teacher)."""
+    (accuracies in %; teacher_* None without an EMA teacher; best over the evaluated epochs: with
+    `--eval-every N` the others have null accuracies, the last epoch is always evaluated)."""
     if not rows:
         raise CnmError("no metrics rows")
     last = rows[-1]
+    if last["ensemble_acc"] is None:
+        raise CnmError(f"epoch {last['epoch']} was not evaluated")
+    ensembles = [r["ensemble_acc"] for r in rows if r["ensemble_acc"] is not None]
     teachers = [r["teacher_ensemble_acc"] for r in rows if r.get("teacher_ensemble_acc") is not None]
-    return {"ens_final": last["ensemble_acc"], "ens_best": max(r["ensemble_acc"] for r in rows),
+    return {"ens_final": last["ensemble_acc"], "ens_best": max(ensembles),
             "teacher_final": last.get("teacher_ensemble_acc"),
             "teacher_best": max(teachers) if teachers else None,
             "peer_final": sum(last["test_acc"]) / len(last["test_acc"])}

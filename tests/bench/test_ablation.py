@@ -9,6 +9,7 @@ import pytest
 
 from bench import ablation
 from pipeline.data.prepare import prepare
+from pipeline.errors import CnmError
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,10 @@ def test_summary_and_spread():
             {"epoch": 3, "ensemble_acc": 65.0, "teacher_ensemble_acc": 71.0, "test_acc": [64.0, 66.0]}]
     assert ablation.summarize_metrics(rows) == {"ens_final": 65.0, "ens_best": 70.0, "teacher_final": 71.0,
                                                 "teacher_best": 72.0, "peer_final": 65.0}
+    skipped = {"epoch": 2, "ensemble_acc": None, "teacher_ensemble_acc": None, "test_acc": [None, None]}
+    assert ablation.summarize_metrics([rows[0], skipped, rows[2]])["ens_best"] == 65.0  # --eval-every 2
+    with pytest.raises(CnmError, match="epoch 2 was not evaluated"):
+        ablation.summarize_metrics([rows[0], skipped])
     assert ablation.mean_spread([1.0, 2.0, None, 3.0]) == (2.0, 1.0)
     assert ablation.mean_spread([4.0]) == (4.0, 0.0) and ablation.mean_spread([None]) is None
 
