@@ -211,9 +211,16 @@ class GroupedPeers(PeerSet):
         self.feature_dims = [singles[0].feature_dim] * self.peers
 
     def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        self._check_views(views)
-        P, B = views.shape[:2]
-        logits, features = self.net(views_to_grouped_input(views))   # [B, P*K], [B, P*F]
+        """As `PeerSet.forward`; also takes the grouped input itself, `[B, P*3, H, W]` (peer k's
+        channels at 3k:3k+3: the Cut^nMix op's layout="grouped"), without the copy."""
+        P = self.peers
+        if views.dim() == 4 and views.shape[1] == 3 * P:
+            x = views
+        else:
+            self._check_views(views)
+            x = views_to_grouped_input(views)
+        B = x.shape[0]
+        logits, features = self.net(x)                                # [B, P*K], [B, P*F]
         logits = logits.view(B, P, self.num_classes).transpose(0, 1)  # [P, B, K]
         return logits, list(features.chunk(P, dim=1))
 

@@ -77,8 +77,12 @@ class DeviceAugment:
     depend on how a torch version registers generators with graphs.
     """
 
-    def __init__(self, augment: CutNMix, device: torch.device, seed: int, rank: int):
-        self.augment, self.device, self.seed, self.rank = augment, device, int(seed), int(rank)
+    def __init__(self, augment: CutNMix, device: torch.device, seed: int, rank: int,
+                 layout: str = "peers"):
+        # layout="grouped" (grouped peers): the op writes the grouped network's input
+        # [B,P*3,H,W] itself, which saves the copy `views_to_grouped_input` would make.
+        self.augment = augment if augment.layout == layout else augment.with_layout(layout)
+        self.device, self.seed, self.rank = device, int(seed), int(rank)
         self.generator = torch.Generator(device=device)
 
     def draw(self, batch: int, epoch: int, step: int) -> CutNMixParams:
@@ -171,7 +175,9 @@ class TrainStep:
         self.peerset = peerset
         self.teacher = teacher if losses.teacher == "ema" else None
         self.augment = augment
-        self.input_form = LoaderViews(dev) if host_augment else DeviceAugment(augment, dev, seed, rank)
+        layout = "grouped" if getattr(peerset, "peer_exec", "loop") == "grouped" else "peers"
+        self.input_form = (LoaderViews(dev) if host_augment
+                           else DeviceAugment(augment, dev, seed, rank, layout=layout))
         self.losses = losses
         self.bf16 = bool(bf16)
         self.channels_last = bool(channels_last)

@@ -18,6 +18,8 @@ Implementations of the one core (`impl`):
 
 from __future__ import annotations
 
+import copy
+
 import os
 from typing import Sequence
 
@@ -188,6 +190,14 @@ class CutNMix:
             f"pad={self.pad}, flip={self.flip}, out_dtype={self.out_dtype}, impl={self.impl!r}, "
             f"layout={self.layout!r})"
         )
+
+    def with_layout(self, layout: str) -> CutNMix:
+        """The same op (same parameters, same draws) writing `layout` ("peers" or "grouped")."""
+        if layout not in LAYOUTS:
+            raise CnmError(f"unknown Cut^nMix output layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+        other = copy.copy(self)
+        other.layout = layout
+        return other
 
     def draw(
         self,

@@ -128,6 +128,20 @@ def test_loop_equals_grouped_after_two_steps():
     _assert_peers_close(a.teacher.module.peer_state_dicts(), b.teacher.module.peer_state_dicts(), atol=2e-5)
 
 
+def test_grouped_peers_get_the_grouped_layout_from_the_op():
+    """Grouped peers: the op writes [B,P*3,H,W] itself (no views_to_grouped_input copy), and the
+    step equals the same step fed the [P,B,3,H,W] views (the loader path, which is converted)."""
+    a, b = _make(peer_exec="grouped"), _make(peer_exec="grouped", host_augment=True)
+    assert a.input_form.augment.layout == "grouped" and a.augment.layout == "peers"
+    images, labels = _batch(0)
+    g = torch.Generator().manual_seed(step_seed(0, 3, 0))
+    grouped = a.input_form.views(*a.input_form.inputs((images, labels), 3, 0))[0]
+    assert grouped.shape == (B, 2 * 3, 32, 32)
+    a(images, labels, epoch=3, step=0)
+    b(*b.augment(images, labels, generator=g), epoch=3, step=0)
+    _assert_peers_close(_peer_params(a), _peer_params(b), atol=0)
+
+
 def test_views_path_equals_raw_path():
     """A loader that augments with the same (seed, epoch, step) generator gives the same step."""
     a, b = _make(), _make(host_augment=True)
