@@ -53,8 +53,10 @@ class RunClock:
 
     After k >= 1 finished epochs: time per epoch = (time since the first epoch started) / k
     (training, evaluation and saving). Before that, during the first epoch: time per step so
-    far x steps per epoch (no evaluation yet). Left = the current epoch's remaining fraction
-    plus every epoch after it."""
+    far x steps per epoch (no evaluation yet), counted from the end of the first step once a
+    second has finished (`mark_first_step`: the first step also pays for one-time set-up, e.g.
+    allocator warm-up and kernel compilation, which would inflate the estimate by its whole
+    cost per step). Left = the current epoch's remaining fraction plus every epoch after it."""
 
     def __init__(self, epochs: int):
         self.epochs = epochs
@@ -65,6 +67,7 @@ class RunClock:
         self.finished = 0                   # epochs finished by this process
         self.t_finished = 0.0               # when the last of them finished
         self.done = 0                       # epochs of the run finished (also before a resume)
+        self.t_step1: float | None = None   # when this process's first step finished
 
     def start_epoch(self, epoch: int, steps: int, now: float) -> None:
         if self.t_first is None:
@@ -77,12 +80,21 @@ class RunClock:
         self.t_finished = now
         self.done = self.epoch + 1
 
+    def mark_first_step(self, now: float) -> None:
+        """The first step of this process's first epoch has finished (later calls: no-op)."""
+        if self.t_step1 is None and not self.finished:
+            self.t_step1 = now
+
     def per_epoch(self, steps_done: int, now: float) -> float | None:
         """Seconds per epoch (None before the first step has finished)."""
         if self.finished:
             return (self.t_finished - self.t_first) / self.finished
         if steps_done < 1:
             return None
+        if self.t_step1 is not None:
+            if steps_done < 2:
+                return None                  # only the set-up-laden first step so far
+            return (now - self.t_step1) / (steps_done - 1) * self.steps
         return (now - self.t_epoch) / steps_done * self.steps
 
     def left(self, steps_done: int, now: float) -> float | None:
@@ -203,6 +215,8 @@ class Progress:
         if not self.enabled or (self._bar is None and (self.warned or not self._cpu)):
             return
         now = _now()
+        if i == 0:
+            self.clock.mark_first_step(now)
         if not self.warned and self._cpu and now - self._t0 >= WARN_AFTER_S:
             self._note_long_run(i + 1, now)
         if self._bar is None:

@@ -37,6 +37,20 @@ def test_run_clock_from_steps_then_from_epochs():
     assert c.left(10, 200.0) == pytest.approx(298 * 100)
 
 
+def test_run_clock_leaves_the_first_steps_set_up_out():
+    """A first step that pays 30 s of set-up, then 1 s steps: the estimate is 10 s per epoch,
+    not (31 + 1) / 2 x 10 = 160 s; with only the first step done there is no estimate yet."""
+    c = RunClock(300)
+    c.start_epoch(0, 10, now=0.0)
+    c.mark_first_step(30.0)
+    assert c.per_epoch(1, 30.0) is None and c.text(1, 30.0) == "run 0/300 done, measuring"
+    assert c.per_epoch(3, 32.0) == pytest.approx(10.0)
+    c.mark_first_step(40.0)                      # only the first mark counts
+    assert c.per_epoch(3, 32.0) == pytest.approx(10.0)
+    c.end_epoch(now=50.0)                        # then whole epochs, set-up included
+    assert c.per_epoch(10, 50.0) == pytest.approx(50.0)
+
+
 def test_resumed_run_counts_the_epochs_before_it():
     c = RunClock(10)
     c.start_epoch(7, 4, now=50.0)                 # resumed at epoch 8: 3 epochs left
