@@ -83,9 +83,11 @@ def test_long_cpu_run_note_with_a_fake_clock(data, tmp_path, capsys, monkeypatch
     assert len(notes) == 1 and notes[0] == 1, out          # right after the banner, before epoch 1's line
     for flag in ("--epochs", "--limit-train", "--arch"):
         assert flag in lines[1]
-    # the clock is read at the epoch's start, after its first step (the note: 2 x 1000 s per
-    # epoch from the step rate) and at its report: 2000 s per epoch, 2 epochs left
-    assert lines[2].startswith("epoch 1/3 ") and lines[2].endswith("run 1/3 done, 1h06m left")
+    # the clock is read at the epoch's start, after each of its 2 steps (the first one's set-up
+    # left out: the note comes after the second, 2 x 1000 s per epoch from the step rate) and at
+    # its report: 3000 s per epoch, 2 epochs left
+    assert "(3 epochs left at about 33m20s each)" in lines[1], lines[1]
+    assert lines[2].startswith("epoch 1/3 ") and lines[2].endswith("run 1/3 done, 1h40m left")
     assert rows_of(tmp_path / "r")[0]["epoch_s"] < 1000     # the metrics keep the real clock
 
 
