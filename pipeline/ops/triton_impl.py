@@ -78,21 +78,14 @@ def _split_shape(x, T: tl.constexpr, PPT: tl.constexpr):
 
 
 @triton.jit
-def _bytes(img_ptr, s, t, need, NEED: tl.constexpr, N: tl.constexpr, PPT: tl.constexpr, T: tl.constexpr,
-           HW: tl.constexpr, WIDE_LOADS: tl.constexpr):
-    # image s's pixels PPT*t .. PPT*t+PPT-1: tuple of 3*PPT [T] int32 bytes, (q, c) order;
-    # with NEED, a scalar `need` False skips the reads (bytes then 0)
+def _bytes(img_ptr, s, pix, live, MASKED: tl.constexpr, N: tl.constexpr, PPT: tl.constexpr,
+           WIDE_LOADS: tl.constexpr):
+    # image s's pixels pix .. pix+PPT-1 ([T] int32 flat pixel index of each thread's run):
+    # tuple of 3*PPT [T] int32 bytes, (q, c) order; masked-off threads read 0
     base = img_ptr + s.to(tl.int64) * N
-    if T * PPT != HW:
-        live = t * PPT < HW
-    else:
-        live = t >= 0
-    if NEED:
-        live = tl.where(need, live, t < 0)
-    MASKED: tl.constexpr = NEED or T * PPT != HW
     raw = ()
     if WIDE_LOADS:  # PPT = 8: 24 bytes per thread as three aligned 8-byte loads
-        wp = base.to(tl.pointer_type(tl.uint64)) + 3 * t
+        wp = base.to(tl.pointer_type(tl.uint64)) + (pix // 8) * 3
         if MASKED:
             w0 = tl.load(wp, mask=live, other=0)
             w1 = tl.load(wp + 1, mask=live, other=0)
@@ -109,22 +102,24 @@ def _bytes(img_ptr, s, t, need, NEED: tl.constexpr, N: tl.constexpr, PPT: tl.con
     else:
         for b in tl.static_range(3 * PPT):
             if MASKED:
-                v = tl.load(base + 3 * PPT * t + b, mask=live, other=0)
+                v = tl.load(base + 3 * pix + b, mask=live, other=0)
             else:
-                v = tl.load(base + 3 * PPT * t + b)
+                v = tl.load(base + 3 * pix + b)
             raw = raw + (v.to(tl.int32),)
     return raw
 
 
 @triton.jit
-def _pixels(img_ptr, s, t, need, NEED: tl.constexpr, N: tl.constexpr, PPT: tl.constexpr, T: tl.constexpr,
-            HW: tl.constexpr, WIDE_LOADS: tl.constexpr):
-    # image s's pixels of this thread as flat [T*PPT] uint32 (r | g << 8 | b << 16)
-    raw = _bytes(img_ptr, s, t, need, NEED, N, PPT, T, HW, WIDE_LOADS)
+def _staged(img_ptr, s, pix, live, MASKED: tl.constexpr, N: tl.constexpr, PPT: tl.constexpr, T: tl.constexpr,
+            HP: tl.constexpr, WP: tl.constexpr, WIDE_LOADS: tl.constexpr):
+    # image s as [HP*2*WP] uint32 (r | g << 8 | b << 16): row y's pixel x at y*2*WP + x, zeros
+    # at columns W..2*WP-1 (the crop's padding: no bounds check per pixel)
+    raw = _bytes(img_ptr, s, pix, live, MASKED, N, PPT, WIDE_LOADS)
     px = ()
     for q in tl.static_range(PPT):
         px = px + ((raw[3 * q] | (raw[3 * q + 1] << 8) | (raw[3 * q + 2] << 16)).to(tl.uint32, bitcast=True),)
-    return _flat(px, 0, PPT, T)
+    rows = tl.reshape(_flat(px, 0, PPT, T), (HP, WP))
+    return tl.reshape(tl.permute(tl.join(rows, tl.zeros_like(rows)), (0, 2, 1)), (HP * 2 * WP,))
 
 
 @triton.jit
@@ -146,14 +141,17 @@ def _gather(src, idx, PPT: tl.constexpr, T: tl.constexpr):
 
 
 @triton.jit
-def _columns(y, x0, oy, ox, fl, pad, H: tl.constexpr, W: tl.constexpr, PPT: tl.constexpr):
-    # base view (pad, crop, flip) of one source for a thread's pixels (y, x0+q), q < PPT:
-    # (a, d, row) with source column a + d*q (valid iff 0 <= it < W) and row offset row
+def _columns(y, x0, oy, ox, fl, pad, H: tl.constexpr, W: tl.constexpr, PPT: tl.constexpr, WP: tl.constexpr):
+    # base view (pad, crop, flip) of one source for a thread's pixels (y, x0+q), q < PPT, in the
+    # staged layout of _staged: (c, d) with staged index c + d*q (a zero where the pixel is padding)
     sy = y + oy - pad
     d = tl.where(fl, -1, 1)
-    a = tl.where(fl, (W - 1) - x0, x0) + ox - pad
-    a = tl.where((sy >= 0) & (sy < H), a, W + PPT)  # a row in the padding: no column is valid
-    return a, d, sy * W
+    a = tl.where(fl, (W - 1) - x0, x0) + ox - pad  # source column of q = 0
+    lo = tl.where(fl, a - (PPT - 1), a)
+    # a run partly in the image stays within [-(PPT-1), W+PPT-1): the zero columns (and, on row
+    # 0, the wrap to the last row's) cover it; a run wholly in the padding reads one zero slot
+    ok = (sy.to(tl.uint32, bitcast=True) < H) & (lo > -PPT) & (lo < W)
+    return tl.where(ok, sy * (2 * WP) + a, WP), tl.where(ok, d, 0)
 
 
 @triton.jit
@@ -181,127 +179,118 @@ def _cutnmix_kernel(
     H: tl.constexpr,
     W: tl.constexpr,
     PPT: tl.constexpr,  # pixels per thread: a power of two dividing W (8 at 32x32)
-    T: tl.constexpr,  # threads' runs: next power of two >= H*W/PPT
+    HP: tl.constexpr,  # next power of two >= H
+    WP: tl.constexpr,  # next power of two >= W
     BOX: tl.constexpr,
     BLEND: tl.constexpr,
     GROUPED: tl.constexpr,  # write [B,H,W,P,3] (the grouped network's channels-last input)
     WIDE_LOADS: tl.constexpr,  # PPT == 8 (every thread's 24 source bytes are 8-byte aligned)
 ):
-    HW: tl.constexpr = H * W
     N: tl.constexpr = H * W * 3
+    RP: tl.constexpr = WP // PPT  # runs per (padded) row
+    T: tl.constexpr = HP * RP  # runs: thread t covers row t // RP, columns x0 .. x0+PPT-1
+    TWO: tl.constexpr = BOX or BLEND
+    SIZE: tl.constexpr = HP * 2 * WP * (2 if TWO else 1)  # staged slots
+    FULL: tl.constexpr = HP == H and WP == W  # no idle thread
     i = tl.program_id(0)  # this program's sample
     j = tl.load(perm_ptr + i).to(tl.int32)  # its partner
     t = tl.arange(0, T)
-    p0 = t * PPT  # first pixel of this thread's run (one row: PPT divides W)
-    y = p0 // W  # W constexpr: a shift at 32x32, once per thread
-    x0 = p0 % W
+    y = t // RP  # shifts and masks: RP, PPT are powers of two
+    x0 = (t % RP) * PPT
+    pix = y * W + x0  # flat pixel of the run's first output
+    if FULL:
+        live = t >= 0
+    else:
+        live = (y < H) & (x0 < W)
     odt = out_ptr.dtype.element_ty
     if BOX:
         bh = tl.load(bh_ptr + i).to(tl.int32)
         bw = tl.load(bw_ptr + i).to(tl.int32)
         need_par = (bh > 0) & (bw > 0)
-    else:
-        need_par = BLEND
-    TWO: tl.constexpr = BOX or BLEND
     # the gather moves raw pixels (one uint32 each, 0 = the zero padding), normalised after it:
     # few registers live across the peers (staging normalised values measured 14.4 instead of
     # 12.5 SASS instructions per output and 63 instead of 48 registers, box bf16 on sm_90a)
-    src = _pixels(img_ptr, i, t, True, False, N, PPT, T, HW, WIDE_LOADS)
+    src = _staged(img_ptr, i, pix, live, not FULL, N, PPT, T, HP, WP, WIDE_LOADS)
     if TWO:
-        src = tl.reshape(tl.join(src, _pixels(img_ptr, j, t, need_par, BOX, N, PPT, T, HW, WIDE_LOADS)),
-                         (2 * T * PPT,))
+        if BOX:  # an empty box needs no partner pixel
+            live_j = tl.where(need_par, live, t < 0)
+        else:
+            live_j = live
+        src = tl.reshape(tl.join(src, _staged(img_ptr, j, pix, live_j, BOX or not FULL, N, PPT, T, HP, WP,
+                                              WIDE_LOADS)), (SIZE,))
     if BLEND:
         lam_a = tl.load(lam_ptr + i)
         lam_b = 1.0 - lam_a
-    if T * PPT != HW:
-        live = p0 < HW
     allv = ()
     for k in tl.static_range(P):
         kb = k * B
-        a_i, d_i, row_i = _columns(y, x0, tl.load(oy_ptr + kb + i).to(tl.int32),
-                                   tl.load(ox_ptr + kb + i).to(tl.int32),
-                                   tl.load(flip_ptr + kb + i) != 0, pad, H, W, PPT)
+        c_i, e_i = _columns(y, x0, tl.load(oy_ptr + kb + i).to(tl.int32), tl.load(ox_ptr + kb + i).to(tl.int32),
+                            tl.load(flip_ptr + kb + i) != 0, pad, H, W, PPT, WP)
         if TWO:
-            a_j, d_j, row_j = _columns(y, x0, tl.load(oy_ptr + kb + j).to(tl.int32),
-                                       tl.load(ox_ptr + kb + j).to(tl.int32),
-                                       tl.load(flip_ptr + kb + j) != 0, pad, H, W, PPT)
+            c_j, e_j = _columns(y, x0, tl.load(oy_ptr + kb + j).to(tl.int32),
+                                tl.load(ox_ptr + kb + j).to(tl.int32),
+                                tl.load(flip_ptr + kb + j) != 0, pad, H, W, PPT, WP)
+            # own pixel f at slot 2f, the partner's at 2f+1
+            c_i = 2 * c_i
+            e_i = 2 * e_i
+            c_j = 2 * c_j + 1
+            e_j = 2 * e_j
         if BOX:
             by = tl.load(by_ptr + kb + i).to(tl.int32)
             bx = tl.load(bx_ptr + kb + i).to(tl.int32)
-            bw_row = tl.where((y >= by) & (y < by + bh), bw, 0)  # box width on this row
+            bw_row = tl.where((y >= by) & (y < by + bh), bw, 0).to(tl.uint32, bitcast=True)  # on this row
             xb = x0 - bx
-        # flat gather index of slot q: c + e*q (own pixel p at 2p, partner's at 2p+1 when TWO)
-        if TWO:
-            c_i = 2 * (row_i + a_i)
-            e_i = 2 * d_i
-            c_j = 2 * (row_j + a_j) + 1
-            e_j = 2 * d_j
-        else:
-            c_i = row_i + a_i
-            e_i = d_i
         idx = ()
-        ok = ()
         idx_b = ()
-        ok_b = ()
         for q in tl.static_range(PPT):
-            ok_q = (a_i + d_i * q).to(tl.uint32, bitcast=True) < W
             ix = c_i + e_i * q
-            if BOX or BLEND:
-                okj = (a_j + d_j * q).to(tl.uint32, bitcast=True) < W
-                ixj = c_j + e_j * q
             if BOX:
-                inb = (xb + q).to(tl.uint32, bitcast=True) < bw_row.to(tl.uint32, bitcast=True)
-                ix = tl.where(inb, ixj, ix)
-                ok_q = tl.where(inb, okj, ok_q)
+                inb = (xb + q).to(tl.uint32, bitcast=True) < bw_row
+                ix = tl.where(inb, c_j + e_j * q, ix)
             if BLEND:
-                idx_b = idx_b + (tl.where(okj, ixj, 0),)
-                ok_b = ok_b + (okj,)
-            idx = idx + (tl.where(ok_q, ix, 0),)
-            ok = ok + (ok_q,)
+                idx_b = idx_b + ((c_j + e_j * q) & (SIZE - 1),)
+            idx = idx + (ix & (SIZE - 1),)
         vals = ()
         ga = _gather(src, idx, PPT, T)
         if BLEND:
             gb = _gather(src, idx_b, PPT, T)
         for q in tl.static_range(PPT):
-            pa = tl.where(ok[q], ga[q], 0)
-            if BLEND:
-                pb = tl.where(ok_b[q], gb[q], 0)
             for c in tl.static_range(3):
-                v = _norm_px(pa, c, mean0, mean1, mean2, inv0, inv1, inv2)
+                v = _norm_px(ga[q], c, mean0, mean1, mean2, inv0, inv1, inv2)
                 if BLEND:  # mixup: blend normalised float32 values, round once
-                    v = lam_a * v + lam_b * _norm_px(pb, c, mean0, mean1, mean2, inv0, inv1, inv2)
+                    v = lam_a * v + lam_b * _norm_px(gb[q], c, mean0, mean1, mean2, inv0, inv1, inv2)
                 vals = vals + (v.to(odt),)
         if GROUPED:
             for e in tl.static_range(3 * PPT):
                 allv = allv + (vals[e],)
         else:
             # this thread's 3*PPT contiguous outputs of view k: three runs of PPT (16 bytes in bf16)
-            dst = out_ptr + (kb + i).to(tl.int64) * N + 3 * PPT * t
+            dst = out_ptr + (kb + i).to(tl.int64) * N + 3 * pix
             for r in tl.static_range(3):
                 if PPT > 1:
                     ptrs = tl.reshape(dst[:, None] + (r * PPT + tl.arange(0, PPT))[None, :], (T * PPT,))
                 else:
                     ptrs = dst + r
-                if T * PPT != HW:
-                    tl.store(ptrs, _flat(vals, r * PPT, PPT, T), mask=_flat_mask(live, PPT, T))
-                else:
+                if FULL:
                     tl.store(ptrs, _flat(vals, r * PPT, PPT, T))
+                else:
+                    tl.store(ptrs, _flat(vals, r * PPT, PPT, T), mask=_flat_mask(live, PPT, T))
     if GROUPED:
         # [B,H,W,P,3]: the thread's PPT pixels x P peers x 3 channels are contiguous; allv is
         # ordered (k, q, c): regroup to (q, k, c) and write 3*P runs of PPT
         ordered = ()
         for e in tl.static_range(3 * P * PPT):  # e = (q*P + k)*3 + c  ->  (k*PPT + q)*3 + c
             ordered = ordered + (allv[((e % (3 * P)) // 3) * 3 * PPT + 3 * (e // (3 * P)) + e % 3],)
-        dst = out_ptr + i.to(tl.int64) * (N * P) + 3 * P * PPT * t
+        dst = out_ptr + i.to(tl.int64) * (N * P) + 3 * P * pix
         for r in tl.static_range(3 * P):
             if PPT > 1:
                 ptrs = tl.reshape(dst[:, None] + (r * PPT + tl.arange(0, PPT))[None, :], (T * PPT,))
             else:
                 ptrs = dst + r
-            if T * PPT != HW:
-                tl.store(ptrs, _flat(ordered, r * PPT, PPT, T), mask=_flat_mask(live, PPT, T))
-            else:
+            if FULL:
                 tl.store(ptrs, _flat(ordered, r * PPT, PPT, T))
+            else:
+                tl.store(ptrs, _flat(ordered, r * PPT, PPT, T), mask=_flat_mask(live, PPT, T))
 
 
 @triton.jit
@@ -320,8 +309,9 @@ def pixels_per_thread(width: int) -> int:
 def launch_config(height: int, width: int) -> dict:
     """Shape-derived constexprs and warps of the kernel for H x W images."""
     ppt = pixels_per_thread(width)
-    runs = triton.next_power_of_2(max(1, height * width // ppt))
-    return {"PPT": ppt, "T": runs, "WIDE_LOADS": ppt == 8, "num_warps": max(1, min(8, runs // 32))}
+    hp, wp = triton.next_power_of_2(height), triton.next_power_of_2(width)
+    runs = hp * wp // ppt
+    return {"PPT": ppt, "HP": hp, "WP": wp, "WIDE_LOADS": ppt == 8, "num_warps": max(1, min(8, runs // 32))}
 
 
 def triton_cutnmix_views(
