@@ -65,16 +65,24 @@ def _unflat(x, n: tl.constexpr):
 
 
 @triton.jit
-def _split_shape(x, T: tl.constexpr, PPT: tl.constexpr):
-    # [T*PPT] -> [T, 2, ..., 2] (log2(PPT) twos), ready for _unflat
-    if PPT == 1:
+def _split_shape(x, T: tl.constexpr, n: tl.constexpr):
+    # [T*n] -> [T, 2, ..., 2] (log2(n) twos, n <= 128), ready for _unflat
+    if n == 1:
         return x
-    elif PPT == 2:
+    elif n == 2:
         return tl.reshape(x, (T, 2))
-    elif PPT == 4:
+    elif n == 4:
         return tl.reshape(x, (T, 2, 2))
-    else:
+    elif n == 8:
         return tl.reshape(x, (T, 2, 2, 2))
+    elif n == 16:
+        return tl.reshape(x, (T, 2, 2, 2, 2))
+    elif n == 32:
+        return tl.reshape(x, (T, 2, 2, 2, 2, 2))
+    elif n == 64:
+        return tl.reshape(x, (T, 2, 2, 2, 2, 2, 2))
+    else:
+        return tl.reshape(x, (T, 2, 2, 2, 2, 2, 2, 2))
 
 
 @triton.jit
@@ -135,9 +143,10 @@ def _norm_px(px, c: tl.constexpr, mean0, mean1, mean2, inv0, inv1, inv2):
 
 
 @triton.jit
-def _gather(src, idx, PPT: tl.constexpr, T: tl.constexpr):
-    # src at the flat index of every pixel slot: tuple of PPT [T] values
-    return _unflat(_split_shape(tl.gather(src, _flat(idx, 0, PPT, T), 0), T, PPT), PPT)
+def _gather(src, idx, n: tl.constexpr, T: tl.constexpr):
+    # src at the n [T] index tensors idx (n a power of two): tuple of n [T] values; one gather
+    # (one staging of src in shared memory) for all of them
+    return _unflat(_split_shape(tl.gather(src, _flat(idx, 0, n, T), 0), T, n), n)
 
 
 @triton.jit
@@ -176,6 +185,7 @@ def _cutnmix_kernel(
     inv1,
     inv2,  # float32 normalisation constants
     P: tl.constexpr,
+    PG: tl.constexpr,  # next power of two >= P
     H: tl.constexpr,
     W: tl.constexpr,
     PPT: tl.constexpr,  # pixels per thread: a power of two dividing W (8 at 32x32)
@@ -221,7 +231,8 @@ def _cutnmix_kernel(
     if BLEND:
         lam_a = tl.load(lam_ptr + i)
         lam_b = 1.0 - lam_a
-    allv = ()
+    # every peer's gather indices first, then one gather: src is staged in shared memory once
+    idx = ()
     for k in tl.static_range(P):
         kb = k * B
         c_i, e_i = _columns(y, x0, tl.load(oy_ptr + kb + i).to(tl.int32), tl.load(ox_ptr + kb + i).to(tl.int32),
@@ -240,32 +251,35 @@ def _cutnmix_kernel(
             bx = tl.load(bx_ptr + kb + i).to(tl.int32)
             bw_row = tl.where((y >= by) & (y < by + bh), bw, 0).to(tl.uint32, bitcast=True)  # on this row
             xb = x0 - bx
-        idx = ()
-        idx_b = ()
         for q in tl.static_range(PPT):
             ix = c_i + e_i * q
             if BOX:
                 inb = (xb + q).to(tl.uint32, bitcast=True) < bw_row
                 ix = tl.where(inb, c_j + e_j * q, ix)
             if BLEND:
-                idx_b = idx_b + ((c_j + e_j * q) & (SIZE - 1),)
-            idx = idx + (ix & (SIZE - 1),)
+                idx = idx + (ix & (SIZE - 1), (c_j + e_j * q) & (SIZE - 1))
+            else:
+                idx = idx + (ix & (SIZE - 1),)
+    M: tl.constexpr = 2 if BLEND else 1  # gathered pixels per output pixel
+    for _ in tl.static_range((PG - P) * PPT * M):  # pad to a power of two (dead slots)
+        idx = idx + (tl.zeros_like(y),)
+    g = _gather(src, idx, PG * PPT * M, T)
+    allv = ()
+    for k in tl.static_range(P):
         vals = ()
-        ga = _gather(src, idx, PPT, T)
-        if BLEND:
-            gb = _gather(src, idx_b, PPT, T)
         for q in tl.static_range(PPT):
             for c in tl.static_range(3):
-                v = _norm_px(ga[q], c, mean0, mean1, mean2, inv0, inv1, inv2)
+                v = _norm_px(g[(k * PPT + q) * M], c, mean0, mean1, mean2, inv0, inv1, inv2)
                 if BLEND:  # mixup: blend normalised float32 values, round once
-                    v = lam_a * v + lam_b * _norm_px(gb[q], c, mean0, mean1, mean2, inv0, inv1, inv2)
+                    v = lam_a * v + lam_b * _norm_px(g[(k * PPT + q) * M + 1], c, mean0, mean1, mean2, inv0, inv1,
+                                                     inv2)
                 vals = vals + (v.to(odt),)
         if GROUPED:
             for e in tl.static_range(3 * PPT):
                 allv = allv + (vals[e],)
         else:
             # this thread's 3*PPT contiguous outputs of view k: three runs of PPT (16 bytes in bf16)
-            dst = out_ptr + (kb + i).to(tl.int64) * N + 3 * pix
+            dst = out_ptr + (k * B + i).to(tl.int64) * N + 3 * pix
             for r in tl.static_range(3):
                 if PPT > 1:
                     ptrs = tl.reshape(dst[:, None] + (r * PPT + tl.arange(0, PPT))[None, :], (T * PPT,))
@@ -360,6 +374,7 @@ def triton_cutnmix_views(
         s[1],
         s[2],
         P=P,
+        PG=triton.next_power_of_2(P),
         H=h,
         W=w,
         BOX=params.mode in BOX_MODES,
