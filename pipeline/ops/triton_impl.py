@@ -86,12 +86,13 @@ def _split_shape(x, T: tl.constexpr, n: tl.constexpr):
 
 
 @triton.jit
-def _bytes(img_ptr, s, pix, live, MASKED: tl.constexpr, N: tl.constexpr, PPT: tl.constexpr,
-           WIDE_LOADS: tl.constexpr):
-    # image s's pixels pix .. pix+PPT-1 ([T] int32 flat pixel index of each thread's run):
-    # tuple of 3*PPT [T] int32 bytes, (q, c) order; masked-off threads read 0
+def _pixel_words(img_ptr, s, pix, live, MASKED: tl.constexpr, N: tl.constexpr, PPT: tl.constexpr,
+                 WIDE_LOADS: tl.constexpr):
+    # image s's pixels pix .. pix+PPT-1 ([T] int32 flat pixel index of each thread's run): tuple
+    # of PPT [T] uint32, channel c in byte c (byte 3 is junk: only bytes 0..2 are ever read);
+    # masked-off threads read 0
     base = img_ptr + s.to(tl.int64) * N
-    raw = ()
+    px = ()
     if WIDE_LOADS:  # PPT = 8: 24 bytes per thread as three aligned 8-byte loads
         wp = base.to(tl.pointer_type(tl.uint64)) + (pix // 8) * 3
         if MASKED:
@@ -102,30 +103,34 @@ def _bytes(img_ptr, s, pix, live, MASKED: tl.constexpr, N: tl.constexpr, PPT: tl
             w0 = tl.load(wp)
             w1 = tl.load(wp + 1)
             w2 = tl.load(wp + 2)
-        # as six 32-bit words: a byte is then one byte-select of a 32-bit register
         words = (w0.to(tl.uint32), (w0 >> 32).to(tl.uint32), w1.to(tl.uint32), (w1 >> 32).to(tl.uint32),
                  w2.to(tl.uint32), (w2 >> 32).to(tl.uint32))
-        for b in tl.static_range(3 * PPT):
-            raw = raw + (((words[b // 4] >> (8 * (b % 4))) & 255).to(tl.int32),)
-    else:
-        for b in tl.static_range(3 * PPT):
-            if MASKED:
-                v = tl.load(base + 3 * pix + b, mask=live, other=0)
+        for q in tl.static_range(PPT):  # pixel q = bits 24q .. 24q+23: at most one funnel shift
+            if (24 * q) % 32 == 0:
+                px = px + (words[(24 * q) // 32],)
+            elif (24 * q) % 32 <= 8:
+                px = px + (words[(24 * q) // 32] >> ((24 * q) % 32),)
             else:
-                v = tl.load(base + 3 * pix + b)
-            raw = raw + (v.to(tl.int32),)
-    return raw
+                px = px + ((words[(24 * q) // 32] >> ((24 * q) % 32)) |
+                           (words[(24 * q) // 32 + 1] << (32 - (24 * q) % 32)),)
+    else:
+        for q in tl.static_range(PPT):
+            v = ()
+            for c in tl.static_range(3):
+                if MASKED:
+                    v = v + (tl.load(base + 3 * pix + 3 * q + c, mask=live, other=0).to(tl.uint32),)
+                else:
+                    v = v + (tl.load(base + 3 * pix + 3 * q + c).to(tl.uint32),)
+            px = px + (v[0] | (v[1] << 8) | (v[2] << 16),)
+    return px
 
 
 @triton.jit
 def _staged(img_ptr, s, pix, live, MASKED: tl.constexpr, N: tl.constexpr, PPT: tl.constexpr, T: tl.constexpr,
             HP: tl.constexpr, WP: tl.constexpr, WIDE_LOADS: tl.constexpr):
-    # image s as [HP*2*WP] uint32 (r | g << 8 | b << 16): row y's pixel x at y*2*WP + x, zeros
+    # image s as [HP*2*WP] uint32 (channel c in byte c): row y's pixel x at y*2*WP + x, zeros
     # at columns W..2*WP-1 (the crop's padding: no bounds check per pixel)
-    raw = _bytes(img_ptr, s, pix, live, MASKED, N, PPT, WIDE_LOADS)
-    px = ()
-    for q in tl.static_range(PPT):
-        px = px + ((raw[3 * q] | (raw[3 * q + 1] << 8) | (raw[3 * q + 2] << 16)).to(tl.uint32, bitcast=True),)
+    px = _pixel_words(img_ptr, s, pix, live, MASKED, N, PPT, WIDE_LOADS)
     rows = tl.reshape(_flat(px, 0, PPT, T), (HP, WP))
     return tl.reshape(tl.permute(tl.join(rows, tl.zeros_like(rows)), (0, 2, 1)), (HP * 2 * WP,))
 
@@ -213,6 +218,7 @@ def _cutnmix_kernel(
     else:
         live = (y < H) & (x0 < W)
     odt = out_ptr.dtype.element_ty
+    SV: tl.constexpr = 128 // odt.primitive_bitwidth  # outputs per 16-byte store
     if BOX:
         bh = tl.load(bh_ptr + i).to(tl.int32)
         bw = tl.load(bw_ptr + i).to(tl.int32)
@@ -279,32 +285,30 @@ def _cutnmix_kernel(
                 allv = allv + (vals[e],)
         else:
             # this thread's 3*PPT contiguous outputs of view k: three runs of PPT (16 bytes in bf16)
-            dst = out_ptr + (k * B + i).to(tl.int64) * N + 3 * pix
-            for r in tl.static_range(3):
-                if PPT > 1:
-                    ptrs = tl.reshape(dst[:, None] + (r * PPT + tl.arange(0, PPT))[None, :], (T * PPT,))
-                else:
-                    ptrs = dst + r
-                if FULL:
-                    tl.store(ptrs, _flat(vals, r * PPT, PPT, T))
-                else:
-                    tl.store(ptrs, _flat(vals, r * PPT, PPT, T), mask=_flat_mask(live, PPT, T))
+            _store_runs(out_ptr + (k * B + i).to(tl.int64) * N + 3 * pix, vals, 3 * PPT, live, FULL, T, SV)
     if GROUPED:
         # [B,H,W,P,3]: the thread's PPT pixels x P peers x 3 channels are contiguous; allv is
         # ordered (k, q, c): regroup to (q, k, c) and write 3*P runs of PPT
         ordered = ()
         for e in tl.static_range(3 * P * PPT):  # e = (q*P + k)*3 + c  ->  (k*PPT + q)*3 + c
             ordered = ordered + (allv[((e % (3 * P)) // 3) * 3 * PPT + 3 * (e // (3 * P)) + e % 3],)
-        dst = out_ptr + i.to(tl.int64) * (N * P) + 3 * P * pix
-        for r in tl.static_range(3 * P):
-            if PPT > 1:
-                ptrs = tl.reshape(dst[:, None] + (r * PPT + tl.arange(0, PPT))[None, :], (T * PPT,))
-            else:
-                ptrs = dst + r
-            if FULL:
-                tl.store(ptrs, _flat(ordered, r * PPT, PPT, T))
-            else:
-                tl.store(ptrs, _flat(ordered, r * PPT, PPT, T), mask=_flat_mask(live, PPT, T))
+        _store_runs(out_ptr + i.to(tl.int64) * (N * P) + 3 * P * pix, ordered, 3 * P * PPT, live, FULL, T, SV)
+
+
+@triton.jit
+def _store_runs(dst, vals, n: tl.constexpr, live, FULL: tl.constexpr, T: tl.constexpr, SV: tl.constexpr):
+    # write each thread's n contiguous values (tuple of n [T] tensors) at dst ([T] pointers):
+    # runs of R = gcd(n, SV) values, one R-wide vector store each (16 bytes when R = SV)
+    R: tl.constexpr = SV if n % SV == 0 else (SV // 2 if n % (SV // 2) == 0 else 1)
+    for r in tl.static_range(n // R):
+        if R > 1:
+            ptrs = tl.reshape(dst[:, None] + (r * R + tl.arange(0, R))[None, :], (T * R,))
+        else:
+            ptrs = dst + r
+        if FULL:
+            tl.store(ptrs, _flat(vals, r * R, R, T))
+        else:
+            tl.store(ptrs, _flat(vals, r * R, R, T), mask=_flat_mask(live, R, T))
 
 
 @triton.jit
