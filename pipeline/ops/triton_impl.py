@@ -237,24 +237,32 @@ def _cutnmix_kernel(
     if BLEND:
         lam_a = tl.load(lam_ptr + i)
         lam_b = 1.0 - lam_a
+    # per-sample parameter pointers; peer k's value is k*B further
+    oy_i = oy_ptr + i
+    ox_i = ox_ptr + i
+    fl_i = flip_ptr + i
+    oy_j = oy_ptr + j
+    ox_j = ox_ptr + j
+    fl_j = flip_ptr + j
+    by_i = by_ptr + i
+    bx_i = bx_ptr + i
     # every peer's gather indices first, then one gather: src is staged in shared memory once
     idx = ()
     for k in tl.static_range(P):
         kb = k * B
-        c_i, e_i = _columns(y, x0, tl.load(oy_ptr + kb + i).to(tl.int32), tl.load(ox_ptr + kb + i).to(tl.int32),
-                            tl.load(flip_ptr + kb + i) != 0, pad, H, W, PPT, WP)
+        c_i, e_i = _columns(y, x0, tl.load(oy_i + kb).to(tl.int32), tl.load(ox_i + kb).to(tl.int32),
+                            tl.load(fl_i + kb) != 0, pad, H, W, PPT, WP)
         if TWO:
-            c_j, e_j = _columns(y, x0, tl.load(oy_ptr + kb + j).to(tl.int32),
-                                tl.load(ox_ptr + kb + j).to(tl.int32),
-                                tl.load(flip_ptr + kb + j) != 0, pad, H, W, PPT, WP)
+            c_j, e_j = _columns(y, x0, tl.load(oy_j + kb).to(tl.int32), tl.load(ox_j + kb).to(tl.int32),
+                                tl.load(fl_j + kb) != 0, pad, H, W, PPT, WP)
             # own pixel f at slot 2f, the partner's at 2f+1
             c_i = 2 * c_i
             e_i = 2 * e_i
             c_j = 2 * c_j + 1
             e_j = 2 * e_j
         if BOX:
-            by = tl.load(by_ptr + kb + i).to(tl.int32)
-            bx = tl.load(bx_ptr + kb + i).to(tl.int32)
+            by = tl.load(by_i + kb).to(tl.int32)
+            bx = tl.load(bx_i + kb).to(tl.int32)
             bw_row = tl.where((y >= by) & (y < by + bh), bw, 0).to(tl.uint32, bitcast=True)  # on this row
             xb = x0 - bx
         for q in tl.static_range(PPT):
