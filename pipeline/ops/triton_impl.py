@@ -95,16 +95,13 @@ def _pixel_words(img_ptr, s, pix, live, MASKED: tl.constexpr, N: tl.constexpr, P
     px = ()
     if WIDE_LOADS:  # PPT = 8: 24 bytes per thread as three aligned 8-byte loads
         wp = base.to(tl.pointer_type(tl.uint64)) + (pix // 8) * 3
-        if MASKED:
-            w0 = tl.load(wp, mask=live, other=0)
-            w1 = tl.load(wp + 1, mask=live, other=0)
-            w2 = tl.load(wp + 2, mask=live, other=0)
-        else:
-            w0 = tl.load(wp)
-            w1 = tl.load(wp + 1)
-            w2 = tl.load(wp + 2)
-        words = (w0.to(tl.uint32), (w0 >> 32).to(tl.uint32), w1.to(tl.uint32), (w1 >> 32).to(tl.uint32),
-                 w2.to(tl.uint32), (w2 >> 32).to(tl.uint32))
+        words = ()
+        for m in tl.static_range(3 * PPT // 8):
+            if MASKED:
+                w = tl.load(wp + m, mask=live, other=0)
+            else:
+                w = tl.load(wp + m)
+            words = words + (w.to(tl.uint32), (w >> 32).to(tl.uint32))
         for q in tl.static_range(PPT):  # pixel q = bits 24q .. 24q+23: at most one funnel shift
             if (24 * q) % 32 == 0:
                 px = px + (words[(24 * q) // 32],)
@@ -237,6 +234,9 @@ def _cutnmix_kernel(
     if BLEND:
         lam_a = tl.load(lam_ptr + i)
         lam_b = 1.0 - lam_a
+    else:
+        lam_a = 1.0
+        lam_b = 0.0
     # per-sample parameter pointers; peer k's value is k*B further
     oy_i = oy_ptr + i
     ox_i = ox_ptr + i
@@ -278,45 +278,68 @@ def _cutnmix_kernel(
     for _ in tl.static_range((PG - P) * PPT * M):  # pad to a power of two (dead slots)
         idx = idx + (tl.zeros_like(y),)
     g = _gather(src, idx, PG * PPT * M, T)
-    allv = ()
-    for k in tl.static_range(P):
-        vals = ()
-        for q in tl.static_range(PPT):
-            for c in tl.static_range(3):
-                v = _norm_px(g[(k * PPT + q) * M], c, mean0, mean1, mean2, inv0, inv1, inv2)
-                if BLEND:  # mixup: blend normalised float32 values, round once
-                    v = lam_a * v + lam_b * _norm_px(g[(k * PPT + q) * M + 1], c, mean0, mean1, mean2, inv0, inv1,
-                                                     inv2)
-                vals = vals + (v.to(odt),)
-        if GROUPED:
-            for e in tl.static_range(3 * PPT):
-                allv = allv + (vals[e],)
-        else:
-            # this thread's 3*PPT contiguous outputs of view k: three runs of PPT (16 bytes in bf16)
-            _store_runs(out_ptr + (k * B + i).to(tl.int64) * N + 3 * pix, vals, 3 * PPT, live, FULL, T, SV)
     if GROUPED:
-        # [B,H,W,P,3]: the thread's PPT pixels x P peers x 3 channels are contiguous; allv is
-        # ordered (k, q, c): regroup to (q, k, c) and write 3*P runs of PPT
-        ordered = ()
-        for e in tl.static_range(3 * P * PPT):  # e = (q*P + k)*3 + c  ->  (k*PPT + q)*3 + c
-            ordered = ordered + (allv[((e % (3 * P)) // 3) * 3 * PPT + 3 * (e // (3 * P)) + e % 3],)
-        _store_runs(out_ptr + i.to(tl.int64) * (N * P) + 3 * P * pix, ordered, 3 * P * PPT, live, FULL, T, SV)
+        # [B,H,W,P,3]: the thread's PPT pixels x P peers x 3 channels are contiguous: computed in
+        # that order, each 16-byte run stored as soon as it is complete (few values live)
+        n: tl.constexpr = 3 * P * PPT
+        R: tl.constexpr = _run(n, SV)
+        dst = out_ptr + i.to(tl.int64) * (N * P) + n * pix // PPT
+        vals = ()
+        for e in tl.static_range(n):  # e = (q*P + k)*3 + c
+            vals = vals + (_view_value(g, ((e // 3) % P) * PPT + e // (3 * P), e % 3, M, BLEND, lam_a, lam_b,
+                                       mean0, mean1, mean2, inv0, inv1, inv2).to(odt),)
+            if (e + 1) % R == 0:
+                _store_slice(dst, vals, e + 1 - R, R, live, FULL, T)
+    else:
+        for k in tl.static_range(P):
+            # this thread's 3*PPT contiguous outputs of view k (16-byte runs)
+            vals = ()
+            for e in tl.static_range(3 * PPT):  # e = q*3 + c
+                vals = vals + (_view_value(g, k * PPT + e // 3, e % 3, M, BLEND, lam_a, lam_b,
+                                           mean0, mean1, mean2, inv0, inv1, inv2).to(odt),)
+            _store_runs(out_ptr + (k * B + i).to(tl.int64) * N + 3 * pix, vals, 3 * PPT, live, FULL, T, SV)
+
+
+@triton.jit
+def _view_value(g, s: tl.constexpr, c: tl.constexpr, M: tl.constexpr, BLEND: tl.constexpr, lam_a, lam_b,
+                mean0, mean1, mean2, inv0, inv1, inv2):
+    # float32 channel c of gathered pixel slot s (peer k, pixel q: s = k*PPT + q)
+    v = _norm_px(g[s * M], c, mean0, mean1, mean2, inv0, inv1, inv2)
+    if BLEND:  # mixup: blend normalised float32 values, round once
+        v = lam_a * v + lam_b * _norm_px(g[s * M + 1], c, mean0, mean1, mean2, inv0, inv1, inv2)
+    return v
+
+
+@triton.jit
+def _run(n: tl.constexpr, SV: tl.constexpr):
+    # values per vector store for n contiguous values per thread: SV (16 bytes) when it divides n
+    if n % SV == 0:
+        return SV
+    elif n % (SV // 2) == 0:
+        return SV // 2
+    else:
+        return 1
+
+
+@triton.jit
+def _store_slice(dst, vals, lo: tl.constexpr, R: tl.constexpr, live, FULL: tl.constexpr, T: tl.constexpr):
+    # vals[lo:lo+R] (R [T] tensors) at dst+lo .. dst+lo+R-1 ([T] pointers): one R-wide store
+    if R > 1:
+        ptrs = tl.reshape(dst[:, None] + (lo + tl.arange(0, R))[None, :], (T * R,))
+    else:
+        ptrs = dst + lo
+    if FULL:
+        tl.store(ptrs, _flat(vals, lo, R, T))
+    else:
+        tl.store(ptrs, _flat(vals, lo, R, T), mask=_flat_mask(live, R, T))
 
 
 @triton.jit
 def _store_runs(dst, vals, n: tl.constexpr, live, FULL: tl.constexpr, T: tl.constexpr, SV: tl.constexpr):
-    # write each thread's n contiguous values (tuple of n [T] tensors) at dst ([T] pointers):
-    # runs of R = gcd(n, SV) values, one R-wide vector store each (16 bytes when R = SV)
-    R: tl.constexpr = SV if n % SV == 0 else (SV // 2 if n % (SV // 2) == 0 else 1)
+    # write each thread's n contiguous values (tuple of n [T] tensors) at dst ([T] pointers)
+    R: tl.constexpr = _run(n, SV)
     for r in tl.static_range(n // R):
-        if R > 1:
-            ptrs = tl.reshape(dst[:, None] + (r * R + tl.arange(0, R))[None, :], (T * R,))
-        else:
-            ptrs = dst + r
-        if FULL:
-            tl.store(ptrs, _flat(vals, r * R, R, T))
-        else:
-            tl.store(ptrs, _flat(vals, r * R, R, T), mask=_flat_mask(live, R, T))
+        _store_slice(dst, vals, r * R, R, live, FULL, T)
 
 
 @triton.jit
@@ -328,16 +351,18 @@ def _flat_mask(live, PPT: tl.constexpr, T: tl.constexpr):
 
 
 def pixels_per_thread(width: int) -> int:
-    """The kernel's run of pixels per thread: the largest power of two <= 8 dividing W."""
-    return math.gcd(int(width), 8)
+    """The kernel's run of pixels per thread: the largest power of two <= 16 dividing W."""
+    return math.gcd(int(width), 16)
 
 
 def launch_config(height: int, width: int) -> dict:
-    """Shape-derived constexprs and warps of the kernel for H x W images."""
+    """Shape-derived constexprs, warps and register cap of the kernel for H x W images."""
     ppt = pixels_per_thread(width)
     hp, wp = triton.next_power_of_2(height), triton.next_power_of_2(width)
     runs = hp * wp // ppt
-    return {"PPT": ppt, "HP": hp, "WP": wp, "WIDE_LOADS": ppt == 8, "num_warps": max(1, min(8, runs // 32))}
+    # maxnreg: ptxas otherwise keeps up to 78 registers (box, grouped) for no fewer instructions
+    return {"PPT": ppt, "HP": hp, "WP": wp, "WIDE_LOADS": ppt >= 8, "num_warps": max(1, min(8, runs // 32)),
+            "maxnreg": 64}
 
 
 def triton_cutnmix_views(
