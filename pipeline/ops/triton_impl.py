@@ -6,13 +6,14 @@ Same semantics as `pipeline.ops.reference` (docs/design.md#cutnmix-views; Shen e
 which checks that triton is installed first. Offline evidence (registers, SASS instructions per
 output element, store widths): `python -m bench.kernel_stats`.
 
-One program per sample, one thread per run of PPT (8 at 32x32) pixels of a row. The program
-reads its image (and its partner's, when mixed) once with 8-byte loads and stages the pixels
-(one uint32 each) in shared memory (`tl.gather`); per peer it computes one gather index per output
-pixel (pad, crop, flip and box are a few adds and compares per pixel, every per-sample parameter
-a scalar loaded once), normalises the 3 channels and writes each thread's 3*PPT contiguous
-outputs with 16-byte stores. No division per pixel.
-layout="grouped" writes [B,H,W,P,3] (= [B,P*3,H,W] channels-last) the same way.
+One program per sample, one thread per run of PPT (16 at 32x32) pixels of a row. The program
+reads its image (and its partner's, when mixed) once with 8-byte loads and stages the pixels (one
+uint32 each) in shared memory (`tl.gather`), every row followed by a block of zeros, so that the
+crop's zero padding is a plain read: per output pixel and peer the gather index is one add (plus a
+select for the box), every per-sample parameter is loaded once, all peers share one gather.
+It then normalises the 3 channels and writes each thread's contiguous outputs with 16-byte
+stores. No division, no bounds check per pixel. layout="grouped" writes [B,H,W,P,3]
+(= [B,P*3,H,W] channels-last) the same way. Measured: docs/performance.md#the-kernel-offline.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def _pixel_words(img_ptr, s, pix, live, MASKED: tl.constexpr, N: tl.constexpr, P
     # masked-off threads read 0
     base = img_ptr + s.to(tl.int64) * N
     px = ()
-    if WIDE_LOADS:  # PPT = 8: 24 bytes per thread as three aligned 8-byte loads
+    if WIDE_LOADS:  # PPT >= 8: 3*PPT bytes per thread as aligned 8-byte loads
         wp = base.to(tl.pointer_type(tl.uint64)) + (pix // 8) * 3
         words = ()
         for m in tl.static_range(3 * PPT // 8):
@@ -190,13 +191,13 @@ def _cutnmix_kernel(
     PG: tl.constexpr,  # next power of two >= P
     H: tl.constexpr,
     W: tl.constexpr,
-    PPT: tl.constexpr,  # pixels per thread: a power of two dividing W (8 at 32x32)
+    PPT: tl.constexpr,  # pixels per thread: a power of two dividing W (16 at 32x32)
     HP: tl.constexpr,  # next power of two >= H
     WP: tl.constexpr,  # next power of two >= W
     BOX: tl.constexpr,
     BLEND: tl.constexpr,
     GROUPED: tl.constexpr,  # write [B,H,W,P,3] (the grouped network's channels-last input)
-    WIDE_LOADS: tl.constexpr,  # PPT == 8 (every thread's 24 source bytes are 8-byte aligned)
+    WIDE_LOADS: tl.constexpr,  # PPT >= 8 (every thread's 3*PPT source bytes are 8-byte aligned)
 ):
     N: tl.constexpr = H * W * 3
     RP: tl.constexpr = WP // PPT  # runs per (padded) row
@@ -220,9 +221,8 @@ def _cutnmix_kernel(
         bh = tl.load(bh_ptr + i).to(tl.int32)
         bw = tl.load(bw_ptr + i).to(tl.int32)
         need_par = (bh > 0) & (bw > 0)
-    # the gather moves raw pixels (one uint32 each, 0 = the zero padding), normalised after it:
-    # few registers live across the peers (staging normalised values measured 14.4 instead of
-    # 12.5 SASS instructions per output and 63 instead of 48 registers, box bf16 on sm_90a)
+    # the gather moves raw pixels (one uint32 each), normalised after it: staging normalised
+    # float32 values costs 3 words per pixel and the normalisation of pixels no view reads
     src = _staged(img_ptr, i, pix, live, not FULL, N, PPT, T, HP, WP, WIDE_LOADS)
     if TWO:
         if BOX:  # an empty box needs no partner pixel
