@@ -122,9 +122,11 @@ def kernel_variants(peers: int = 3, height: int = 32, width: int = 32):
     for family, flags in FAMILIES.items():
         for dt in DTYPES:
             for layout in LAYOUTS:
-                const = dict(P=peers, PG=triton.next_power_of_2(peers), H=height, W=width, GROUPED=layout == "grouped", **flags, **cfg)
+                const = dict(P=peers, PG=triton.next_power_of_2(peers), H=height, W=width,
+                             GROUPED=layout == "grouped", **flags, **cfg)
                 types = dict(ARG_TYPES, out_ptr="*" + dt)
-                yield f"{family}-{dt}-{layout}", _cutnmix_kernel, types, const, warps, peers * height * width * 3, compile_options(flags["BOX"])
+                yield (f"{family}-{dt}-{layout}", _cutnmix_kernel, types, const, warps, peers * height * width * 3,
+                       compile_options(flags["BOX"]))
 
 
 def measure(name, fn, arg_types, constexprs, num_warps, outputs, options, arch) -> dict:
