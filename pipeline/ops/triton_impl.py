@@ -146,10 +146,13 @@ def _norm_px(px, c: tl.constexpr, mean0, mean1, mean2, inv0, inv1, inv2):
 
 
 @triton.jit
-def _gather(src, idx, n: tl.constexpr, T: tl.constexpr):
-    # src at the n [T] index tensors idx (n a power of two): tuple of n [T] values; one gather
-    # (one staging of src in shared memory) for all of them
-    return _unflat(_split_shape(tl.gather(src, _flat(idx, 0, n, T), 0), T, n), n)
+def _gather(src, idx, lo: tl.constexpr, n: tl.constexpr, T: tl.constexpr):
+    # src at the n [T] index tensors idx[lo:lo+n] (n a power of two): tuple of n [T] values; one
+    # gather (one staging of src in shared memory) per 128 of them
+    if n > 128:
+        return _gather(src, idx, lo, n // 2, T) + _gather(src, idx, lo + n // 2, n // 2, T)
+    else:
+        return _unflat(_split_shape(tl.gather(src, _flat(idx, lo, n, T), 0), T, n), n)
 
 
 @triton.jit
@@ -277,13 +280,13 @@ def _cutnmix_kernel(
     M: tl.constexpr = 2 if BLEND else 1  # gathered pixels per output pixel
     for _ in tl.static_range((PG - P) * PPT * M):  # pad to a power of two (dead slots)
         idx = idx + (tl.zeros_like(y),)
-    g = _gather(src, idx, PG * PPT * M, T)
+    g = _gather(src, idx, 0, PG * PPT * M, T)
     if GROUPED:
         # [B,H,W,P,3]: the thread's PPT pixels x P peers x 3 channels are contiguous: computed in
         # that order, each 16-byte run stored as soon as it is complete (few values live)
         n: tl.constexpr = 3 * P * PPT
         R: tl.constexpr = _run(n, SV)
-        dst = out_ptr + i.to(tl.int64) * (N * P) + n * pix // PPT
+        dst = out_ptr + i.to(tl.int64) * (N * P) + 3 * P * pix
         vals = ()
         for e in tl.static_range(n):  # e = (q*P + k)*3 + c
             vals = vals + (_view_value(g, ((e // 3) % P) * PPT + e // (3 * P), e % 3, M, BLEND, lam_a, lam_b,

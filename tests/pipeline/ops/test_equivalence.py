@@ -320,6 +320,16 @@ def test_bad_layout_is_one_line_error():
 
 @interpreter_only
 @interpreter_only
+@pytest.mark.parametrize("mode, peers", [("mixup", 5), ("cutnmix", 9)])
+def test_triton_many_peers_with_runs_of_16(mode, peers):
+    """At 16 pixels per thread, 256 gathered pixels per thread (mixup P=5: 2 per output pixel, P
+    padded to 8; cutnmix P=9, padded to 16) take two gathers; the views equal the reference."""
+    b, h, w = 3, 2, 16
+    params = draw_params(b, peers, h, w, mode=mode, mix_prob=1.0, pad=3, generator=torch.Generator().manual_seed(peers))
+    check_all(images(b, h, w, seed=peers), params, torch.float16)
+
+
+@interpreter_only
 @pytest.mark.parametrize("pad", [5, 9])
 def test_triton_pad_wider_than_the_image(pad):
     """pad > W: whole thread runs in the zero padding (the kernel points them at a zero slot) and
