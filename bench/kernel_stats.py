@@ -111,21 +111,26 @@ def sass_stats(cubin: bytes) -> dict:
 
 
 def kernel_variants(peers: int = 3, height: int = 32, width: int = 32):
-    """(name, fn, arg_types, constexprs, num_warps, outputs per program) of every variant."""
-    from pipeline.ops.triton_impl import _cutnmix_kernel, launch_config
+    """(name, fn, arg_types, constexprs, num_warps, outputs per program, compile options) of every
+    variant, as `pipeline.ops.triton_impl.triton_cutnmix_views` launches it."""
+    import triton
+
+    from pipeline.ops.triton_impl import _cutnmix_kernel, compile_options, launch_config
 
     cfg = launch_config(height, width)
     warps = cfg.pop("num_warps")
     for family, flags in FAMILIES.items():
         for dt in DTYPES:
             for layout in LAYOUTS:
-                const = dict(P=peers, H=height, W=width, GROUPED=layout == "grouped", **flags, **cfg)
+                const = dict(P=peers, PG=triton.next_power_of_2(peers), H=height, W=width,
+                             GROUPED=layout == "grouped", **flags, **cfg)
                 types = dict(ARG_TYPES, out_ptr="*" + dt)
-                yield f"{family}-{dt}-{layout}", _cutnmix_kernel, types, const, warps, peers * height * width * 3
+                yield (f"{family}-{dt}-{layout}", _cutnmix_kernel, types, const, warps, peers * height * width * 3,
+                       compile_options(flags["BOX"]))
 
 
-def measure(name, fn, arg_types, constexprs, num_warps, outputs, arch) -> dict:
-    k = compile_kernel(fn, arg_types, constexprs, arch, num_warps, enable_fp_fusion=False)
+def measure(name, fn, arg_types, constexprs, num_warps, outputs, options, arch) -> dict:
+    k = compile_kernel(fn, arg_types, constexprs, arch, num_warps, enable_fp_fusion=False, **options)
     s = sass_stats(k.asm["cubin"])
     return {
         "variant": name,

@@ -7,6 +7,7 @@ exact too, the Triton interpreter converts with numpy and may differ by one ulp.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -274,15 +275,15 @@ def test_params_with_other_mode_change_only_the_mixing():
 
 
 @interpreter_only
-@pytest.mark.parametrize("hw", [(3, 4), (4, 12), (2, 16), (3, 8)])
+@pytest.mark.parametrize("hw", [(3, 4), (4, 12), (2, 16), (3, 8), (5, 24)])
 @pytest.mark.parametrize("mode", ["cutnmix", "mixup"])
 def test_triton_every_pixels_per_thread(mode, hw):
-    """The kernel's thread runs of 4 and 8 pixels (W % 4, W % 8), with and without idle threads
-    (H*W/run not a power of two), odd batch, equal the reference in float32 and float16."""
+    """The kernel's thread runs of 4, 8 and 16 pixels (gcd(W, 16)), with and without idle threads
+    (H or W not a power of two), odd batch, equal the reference in float32 and float16."""
     from pipeline.ops.triton_impl import launch_config
 
     h, w = hw
-    assert launch_config(h, w)["PPT"] == (8 if w % 8 == 0 else 4)
+    assert launch_config(h, w)["PPT"] == math.gcd(w, 16)
     params = draw_params(
         5, 3, h, w, mode=mode, mix_prob=1.0, pad=3, generator=torch.Generator().manual_seed(w)
     )
@@ -315,6 +316,27 @@ def test_bad_layout_is_one_line_error():
     params = make_params(peers=1, batch=2, height=4, width=4)
     with pytest.raises(CnmError, match="unknown Cut.nMix output layout 'nchw'"):
         cutnmix(images(2, 4, 4), torch.arange(2), params, layout="nchw")
+
+
+@interpreter_only
+@interpreter_only
+@pytest.mark.parametrize("mode, peers", [("mixup", 5), ("cutnmix", 9)])
+def test_triton_many_peers_with_runs_of_16(mode, peers):
+    """At 16 pixels per thread, 256 gathered pixels per thread (mixup P=5: 2 per output pixel, P
+    padded to 8; cutnmix P=9, padded to 16) take two gathers; the views equal the reference."""
+    b, h, w = 3, 2, 16
+    params = draw_params(b, peers, h, w, mode=mode, mix_prob=1.0, pad=3, generator=torch.Generator().manual_seed(peers))
+    check_all(images(b, h, w, seed=peers), params, torch.float16)
+
+
+@interpreter_only
+@pytest.mark.parametrize("pad", [5, 9])
+def test_triton_pad_wider_than_the_image(pad):
+    """pad > W: whole thread runs in the zero padding (the kernel points them at a zero slot) and
+    runs reaching past both image edges equal the reference."""
+    b, h, w = 3, 4, 4
+    params = draw_params(b, 2, h, w, mode="cutnmix", mix_prob=1.0, pad=pad, generator=torch.Generator().manual_seed(pad))
+    check_all(images(b, h, w, seed=pad), params, torch.float32)
 
 
 @interpreter_only
