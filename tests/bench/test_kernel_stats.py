@@ -21,7 +21,10 @@ pytestmark = pytest.mark.skipif(
     not kernel_stats.available(), reason="needs triton with compile-for-target (GPUTarget) and cuobjdump"
 )
 
-FAMILIES, DTYPES, LAYOUTS, ARCHS = ("box", "blend", "none"), ("bf16", "fp16", "fp32"), ("peers", "grouped"), ("sm_90a", "sm_80")
+# fp16 is left out: its kernels differ from bf16's only in the final rounding convert (same
+# registers and instruction counts, docs/performance.md#the-kernel-offline), and every variant is
+# a cold compile of several seconds, so 24 variants instead of 36 save minutes of CI.
+FAMILIES, DTYPES, LAYOUTS, ARCHS = ("box", "blend", "none"), ("bf16", "fp32"), ("peers", "grouped"), ("sm_90a", "sm_80")
 # SASS instructions per output element, P=3, 32x32, as measured (max over dtypes, layouts, archs:
 # box 8.83, none 5.91, blend 14.04); box and none meet issue 13's target of 10; blend cannot:
 # its bit-exact float32 arithmetic alone is 9 per output (2x convert, subtract, multiply for the
@@ -36,7 +39,7 @@ def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
-        [sys.executable, "-m", "bench.kernel_stats", "--json"],
+        [sys.executable, "-m", "bench.kernel_stats", "--json", "--only", "-(bf16|fp32)-"],
         capture_output=True, text=True, env=env, cwd=ROOT, check=True,
     ).stdout
     return json.loads(out)
