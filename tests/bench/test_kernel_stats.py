@@ -39,7 +39,7 @@ def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
-        [sys.executable, "-m", "bench.kernel_stats", "--json", "--only", "-(bf16|fp32)-"],
+        [sys.executable, "-m", "bench.kernel_stats", "--json", "--only", "(bf16|fp32)-"],
         capture_output=True, text=True, env=env, cwd=ROOT, check=True,
     ).stdout
     return json.loads(out)
