@@ -67,10 +67,11 @@ def parse_temp_name(name: str) -> tuple[str, str, int] | None:
     return (m["name"], m["host"], int(m["pid"])) if m else None
 
 
-def remove_stale_temps(directory: str | os.PathLike) -> list[str]:
+def remove_stale_temps(directory: str | os.PathLike, also=None) -> list[str]:
     """Delete the temporary files in `directory` whose writer was a process of this host that no
     longer runs; returns their names. Files of live processes, of this process and of other
-    hosts are kept."""
+    hosts are kept. `also(name) -> bool`: further file names to delete (a caller that knows no
+    one else writes them, e.g. under a lock)."""
     me, host = os.getpid(), host_tag()
     removed = []
     try:
@@ -79,7 +80,8 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[str]:
         return removed
     for entry in entries:
         parsed = parse_temp_name(entry.name)
-        if parsed is None or parsed[1] != host or parsed[2] == me or pid_alive(parsed[2]):
+        stale = parsed is not None and parsed[1] == host and parsed[2] != me and not pid_alive(parsed[2])
+        if not (stale or (also is not None and also(entry.name))):
             continue
         if not entry.is_file(follow_symlinks=False):
             continue

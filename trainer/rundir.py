@@ -144,19 +144,7 @@ def clean_litter(run_dir: str | os.PathLike) -> list[str]:
     run's own files (last.pt, best.pt, prev.pt, config.json, metrics.jsonl), which no other
     process writes while the lock is held. A live process's files are never touched.
     """
-    removed = remove_stale_temps(run_dir)
-    try:
-        entries = list(os.scandir(run_dir))
-    except OSError:
-        return removed
-    for entry in entries:
-        if _LEGACY_TEMP.match(entry.name) and entry.is_file(follow_symlinks=False):
-            try:
-                os.unlink(entry.path)
-            except FileNotFoundError:
-                continue
-            removed.append(entry.name)
-    return sorted(removed)
+    return remove_stale_temps(run_dir, also=lambda name: _LEGACY_TEMP.match(name) is not None)
 
 
 # ----------------------------------------------------------------------------- checkpoints

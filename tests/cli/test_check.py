@@ -17,19 +17,10 @@ import pytest
 from bench import check
 from bench.check_stages import _pytest_counts, op_figures, ulp_distance
 from cnm.cli import main
+from tests.cli.clirun import BLOCKER
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# optional packages the GPU box does not have: importing them fails there
-BLOCKER = '''
-import importlib.abc, sys
-BLOCK = {"ffcv", "nvidia", "scipy", "numba", "llvmlite", "psutil", "matplotlib", "cv2"}
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in BLOCK:
-            raise ModuleNotFoundError(f"No module named {name!r} (not on the GPU box)")
-sys.meta_path.insert(0, _Block())
-'''
 
 
 def _child(code: str) -> list[str]:

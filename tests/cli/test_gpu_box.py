@@ -9,17 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.cli.clirun import BLOCKER
+
 ROOT = Path(__file__).resolve().parents[2]
 
-BLOCKER = '''
-import importlib.abc, sys
-BLOCK = {"ffcv", "nvidia", "scipy", "numba", "llvmlite", "psutil", "matplotlib", "cv2"}
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in BLOCK:
-            raise ModuleNotFoundError(f"No module named {name!r} (not on the GPU box)")
-sys.meta_path.insert(0, _Block())
-'''
 
 
 def test_gpu_tests_collect_without_optional_packages(tmp_path):
