@@ -251,7 +251,8 @@ def describe_data(data: str | os.PathLike) -> str:
     if src.get("kind") == "synthetic":
         text += (f"; recreate with `cnm prepare --dataset synthetic --num-classes {src['num_classes']} "
                  f"--train-size {src['train_size']} --test-size {src['test_size']} --seed {src['seed']}"
-                 + (f" --difficulty {src['difficulty']}" if src.get("difficulty") else "") + f" --out {data}`")
+                 + "".join(f" --{k.replace('_', '-')} {src[k]}" for k in ("difficulty", "object_scale") if k in src)
+                 + f" --out {data}`")
     return text
 
 

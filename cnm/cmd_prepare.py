@@ -59,11 +59,14 @@ def _size(n: int) -> str:
 @click.option("--difficulty", type=float, default=None,
               help="synthetic: 0..1, how confusable the classes are (0: the default set; 1: two "
                    "ResNet-20 peers stay well below 100%) [0].")
+@click.option("--object-scale", type=float, default=None,
+              help="synthetic: 0.5..2, the object's radius relative to the default set (about 1.4 "
+                   "covers a CIFAR-like share of the frame) [1].")
 @click.option("--no-beton", is_flag=True, help="Skip the FFCV .beton files even when ffcv is installed.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Where --download keeps the tarball [$CNM_CACHE_DIR or ~/.cache/cnm].")
 def prepare(dataset, source, download, out, force, lenient, num_classes, train_size, test_size, seed,
-            difficulty, no_beton, cache_dir):
+            difficulty, object_scale, no_beton, cache_dir):
     """Verify CIFAR-10/100 (or generate the synthetic set) and write the prepared directory:
     {train,test}_{images,labels}.npy, train.beton/test.beton (FFCV) and manifest.json.
 
@@ -78,7 +81,8 @@ def prepare(dataset, source, download, out, force, lenient, num_classes, train_s
     with _terminate_as_interrupt():
         res = run_prepare(dataset, out, source=source, download=download, force=force, lenient=lenient,
                           beton=False if no_beton else None, num_classes=num_classes, train_size=train_size,
-                          test_size=test_size, seed=seed, difficulty=difficulty, cache_dir=cache_dir, say=_say, warn=_warn)
+                          test_size=test_size, seed=seed, difficulty=difficulty, object_scale=object_scale,
+                          cache_dir=cache_dir, say=_say, warn=_warn)
     man = res.manifest
     total = sum(f["bytes"] for f in man.files.values())
     counts = " + ".join(f"{n} {split}" for split, n in man.counts.items())

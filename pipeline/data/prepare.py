@@ -3,7 +3,7 @@
     prepare("cifar100", "data/cifar100", source="cifar-100-python.tar.gz")
     prepare("cifar10", "data/cifar10", download=True)
     prepare("synthetic", "data/synthetic", num_classes=10, train_size=5000, test_size=1000, seed=0,
-            difficulty=0.0)
+            difficulty=0.0, object_scale=1.0)
 
 The output format is `pipeline.data.manifest` (npy arrays, FFCV betons when ffcv is installed,
 manifest.json with checksums and the source's identity). The write is atomic
@@ -28,7 +28,8 @@ from pipeline.data.manifest import Manifest, load_manifest, os_error_reason, rep
 from pipeline.errors import CnmError
 
 DATASETS = ("cifar10", "cifar100", "synthetic")
-SYNTHETIC_DEFAULTS = {"num_classes": 10, "train_size": 5000, "test_size": 1000, "seed": 0, "difficulty": 0.0}
+SYNTHETIC_DEFAULTS = {"num_classes": 10, "train_size": 5000, "test_size": 1000, "seed": 0, "difficulty": 0.0,
+                      "object_scale": 1.0}
 
 
 @dataclass
@@ -49,7 +50,8 @@ def check_options(dataset: str, *, source, download: bool, lenient: bool, synthe
               (["--lenient"] if lenient else [])
         if bad:
             raise CnmError(f"{' and '.join(bad)} cannot be used with --dataset synthetic (it is generated, "
-                           f"not read); see --num-classes, --train-size, --test-size, --seed, --difficulty")
+                           f"not read); see --num-classes, --train-size, --test-size, --seed, --difficulty, "
+                           f"--object-scale")
         return
     if given:
         raise CnmError(f"{', '.join(given)} only apply to --dataset synthetic")
@@ -60,10 +62,16 @@ def check_options(dataset: str, *, source, download: bool, lenient: bool, synthe
                        f"{cifar.LAYOUTS[dataset].tarball} or its extracted folder) or --download")
 
 
+def synthetic_knobs(params: dict) -> str:
+    """", difficulty 0.4, object scale 1.4" for the knobs that are not at their default."""
+    return "".join(f", {k.replace('_', ' ')} {params[k]}" for k in ("difficulty", "object_scale")
+                   if params.get(k) is not None and params[k] != SYNTHETIC_DEFAULTS[k])
+
+
 def describe_source(src: dict) -> str:
     kind = src.get("kind")
     if kind == "synthetic":
-        hard = f", difficulty {src['difficulty']}" if src.get("difficulty") else ""
+        hard = synthetic_knobs(src)
         return (f"synthetic generator {src.get('generator')} (classes {src.get('num_classes')}, train "
                 f"{src.get('train_size')}, test {src.get('test_size')}, seed {src.get('seed')}{hard})")
     if kind in ("tarball", "folder"):
@@ -74,7 +82,8 @@ def describe_source(src: dict) -> str:
 def prepare(dataset: str, out: str | os.PathLike | None = None, *, source: str | os.PathLike | None = None,
             download: bool = False, force: bool = False, lenient: bool = False, beton: bool | None = None,
             num_classes: int | None = None, train_size: int | None = None, test_size: int | None = None,
-            seed: int | None = None, difficulty: float | None = None, cache_dir: str | os.PathLike | None = None, url: str | None = None,
+            seed: int | None = None, difficulty: float | None = None, object_scale: float | None = None,
+            cache_dir: str | os.PathLike | None = None, url: str | None = None,
             progress: bool = True, say: Callable[[str], None] | None = None,
             warn: Callable[[str], None] | None = None) -> PrepareResult:
     """Prepare `dataset` into `out` (default `data/<dataset>`); see the module docstring.
@@ -92,7 +101,7 @@ def prepare(dataset: str, out: str | os.PathLike | None = None, *, source: str |
             warn(msg)
 
     params = {"num_classes": num_classes, "train_size": train_size, "test_size": test_size, "seed": seed,
-              "difficulty": difficulty}
+              "difficulty": difficulty, "object_scale": object_scale}
     check_options(dataset, source=source, download=download, lenient=lenient, synthetic_params=params)
     out = Path(os.path.abspath(out if out is not None else Path("data") / dataset))
     if dataset == "synthetic":
@@ -127,7 +136,7 @@ def prepare(dataset: str, out: str | os.PathLike | None = None, *, source: str |
     if dataset == "synthetic":
         say(f"generating the synthetic set: {params['num_classes']} classes, {params['train_size']} train + "
             f"{params['test_size']} test images, seed {params['seed']}"
-            + (f", difficulty {params['difficulty']}" if params["difficulty"] else ""))
+            + synthetic_knobs(params))
         splits = synthetic.make_synthetic(**params)
         class_names = synthetic.class_names(params["num_classes"])
     else:

@@ -15,7 +15,8 @@ from pipeline.errors import CnmError
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("abl") / "syn"
-    prepare("synthetic", out, num_classes=4, train_size=16, test_size=8, seed=0, difficulty=0.5, beton=False)
+    prepare("synthetic", out, num_classes=4, train_size=16, test_size=8, seed=0, difficulty=0.5, object_scale=1.5,
+            beton=False)
     return out
 
 
@@ -40,7 +41,7 @@ def test_every_row_on_a_tiny_budget(data, tmp_path, capsys):
     assert "- command: `python -m bench.ablation --data" in saved and "- commit:" in saved
     assert "wall time" in saved and saved.endswith(out[out.index("| row"):])
     assert (f"recreate with `cnm prepare --dataset synthetic --num-classes 4 --train-size 16 --test-size 8 "
-            f"--seed 0 --difficulty 0.5 --out {data}`") in saved
+            f"--seed 0 --difficulty 0.5 --object-scale 1.5 --out {data}`") in saved
     assert "- settings: 2 x resnet20, 1 epochs, batch 8, lr 0.01 cosine, ramp-up 0.27 epochs" in saved
     # every run read its own metrics: the full framework has a teacher, DML does not
     full = json.loads((tmp_path / "runs" / "full-s0" / "config.json").read_text())

@@ -151,14 +151,39 @@ def test_bad_difficulty(difficulty):
         synthetic.make_synthetic(num_classes=10, train_size=100, test_size=10, difficulty=difficulty)
 
 
-def test_identity_records_difficulty_only_when_set():
+def test_object_scale_grows_the_object_and_nothing_else():
+    """`object_scale` multiplies the disc's radius: 1 is the default set byte for byte, the labels
+    and every other draw stay, so only the pixels the larger disc newly covers change."""
+    base = synthetic.make_synthetic(num_classes=10, train_size=200, test_size=20, seed=2, difficulty=0.4)
+    one = synthetic.make_synthetic(num_classes=10, train_size=200, test_size=20, seed=2, difficulty=0.4,
+                                   object_scale=1.0)
+    big = synthetic.make_synthetic(num_classes=10, train_size=200, test_size=20, seed=2, difficulty=0.4,
+                                   object_scale=1.4)
+    np.testing.assert_array_equal(one["train"][0], base["train"][0])
+    np.testing.assert_array_equal(big["train"][1], base["train"][1])
+
+    # only the ring between the two radii changes: (1.4^2 - 1) x the disc's ~22% of the frame at
+    # d = 0.4, plus the soft edges, less where the larger disc leaves the frame (measured 0.267)
+    changed = (big["train"][0] != base["train"][0]).any(-1).mean()
+    assert 0.15 < changed < 0.40, changed
+
+
+@pytest.mark.parametrize("scale", [0.4, 2.5])
+def test_bad_object_scale(scale):
+    with pytest.raises(CnmError, match="--object-scale must be between 0.5 and 2"):
+        synthetic.make_synthetic(num_classes=10, train_size=100, test_size=10, object_scale=scale)
+
+
+def test_identity_records_the_knobs_only_when_set():
     assert "difficulty" not in synthetic.source_identity(10, 100, 10, 0)
+    assert "object_scale" not in synthetic.source_identity(10, 100, 10, 0, 0.5, 1.0)
     assert synthetic.source_identity(10, 100, 10, 0, 0.5)["difficulty"] == 0.5
+    assert synthetic.source_identity(10, 100, 10, 0, 0.0, 1.4)["object_scale"] == 1.4
 
 
 def test_prepare_and_cli_difficulty(tmp_path):
-    """`cnm prepare --dataset synthetic --difficulty D`: recorded in the manifest, part of what
-    makes an existing directory up to date, and refused for CIFAR."""
+    """`cnm prepare --dataset synthetic --difficulty D --object-scale S`: recorded in the manifest,
+    part of what makes an existing directory up to date, and refused for CIFAR."""
     from click.testing import CliRunner
 
     from cnm.cli import cli
@@ -166,14 +191,18 @@ def test_prepare_and_cli_difficulty(tmp_path):
 
     out = tmp_path / "hard"
     res = CliRunner().invoke(cli, ["prepare", "--dataset", "synthetic", "--num-classes", "4", "--train-size",
-                                    "40", "--test-size", "12", "--difficulty", "0.5", "--no-beton",
-                                    "--out", str(out)])
+                                    "40", "--test-size", "12", "--difficulty", "0.5", "--object-scale",
+                                    "1.5", "--no-beton", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    man = prepare("synthetic", out, num_classes=4, train_size=40, test_size=12, difficulty=0.5).manifest
-    assert man.source["difficulty"] == 0.5
-    ref = synthetic.make_synthetic(4, 40, 12, 0, difficulty=0.5)
+    assert "difficulty 0.5, object scale 1.5" in res.output
+    man = prepare("synthetic", out, num_classes=4, train_size=40, test_size=12, difficulty=0.5,
+                  object_scale=1.5).manifest
+    assert man.source["difficulty"] == 0.5 and man.source["object_scale"] == 1.5
+    ref = synthetic.make_synthetic(4, 40, 12, 0, difficulty=0.5, object_scale=1.5)
     np.testing.assert_array_equal(man.load_split("train")[0], ref["train"][0])
-    with pytest.raises(CnmError, match="difficulty 0.5.*--force"):
-        prepare("synthetic", out, num_classes=4, train_size=40, test_size=12, beton=False)
+    with pytest.raises(CnmError, match="difficulty 0.5, object scale 1.5.*--force"):
+        prepare("synthetic", out, num_classes=4, train_size=40, test_size=12, difficulty=0.5, beton=False)
     with pytest.raises(CnmError, match="--difficulty only apply to --dataset synthetic"):
         prepare("cifar10", tmp_path / "c", download=True, difficulty=0.5)
+    with pytest.raises(CnmError, match="--object-scale only apply to --dataset synthetic"):
+        prepare("cifar10", tmp_path / "c", download=True, object_scale=1.5)
