@@ -23,6 +23,7 @@ Settings whose best value depends on the machine are `"auto"` here and are resol
 - `loader`       auto -> decided by `pipeline.loaders.make_loader("auto", ...)`.
 - `out`          None -> `runs/<arch>-p<P>-<YYYYmmdd-HHMMSS>`.
 - `rampup_epochs` auto -> 80/300 of --epochs (the recipe's 80 of 300).
+- `mix_off_epoch` auto -> MIX_OFF_FRACTION of --epochs, rounded (the last epochs train unmixed).
 - `ema_decay`    auto -> `1 - 1/(2.56 * steps_per_epoch)` (`trainer.teacher.resolve_decay`), once
                  the loader knows the steps per epoch; config.json records the number.
 """
@@ -55,6 +56,8 @@ LOGS = ("none", "tensorboard")
 RUNS_DIR = "runs"  # the default parent of run directories (`resolve`)
 # the literature's ramp-up (80 of 300 epochs), scaled to --epochs by `--rampup-epochs auto`
 RAMPUP_FRACTION = 80 / 300
+# `--mix-off-epoch auto`: mixing stops after this fraction of the epochs (docs/design.md#the-recipe)
+MIX_OFF_FRACTION = 0.5
 # keys of a run's config.json that are bookkeeping, not settings (ignored by `--config`)
 RECORD_KEYS = ("_resolved", "_record")
 DEFAULT_DATA = "data/cifar100"  # where the README's `cnm prepare ... --out data/cifar100` writes
@@ -93,6 +96,10 @@ class TrainConfig:
     mix: str = _f("cutnmix", "mixed-sample augmentation", MIX_MODES)
     alpha: float = _f(1.0, "Beta(alpha, alpha) of the mixing ratio")
     mix_prob: float = _f(0.5, "probability that a sample is mixed")
+    mix_off_epoch: str | float = _f("auto", "epoch (0-based) from which no sample is mixed: the rest of "
+                                    "the run trains on the base views (crop and flip); auto: half of "
+                                    "--epochs; --epochs or more: mix throughout",
+                                    number_or_auto=True, metavar="E|auto")
     # ---- online distillation (docs/design.md#losses)
     teacher: str = _f("ema", "KD teacher: EMA self-ensemble (ema), detached mean of the live peers "
                       "(peers), or no KD (none)", TEACHERS)
@@ -325,6 +332,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}"),
         (cfg.rampup_epochs == "auto" or cfg.rampup_epochs >= 0,
          f"--rampup-epochs must be >= 0 or auto, got {cfg.rampup_epochs}"),
+        (cfg.mix_off_epoch == "auto" or (cfg.mix_off_epoch >= 0 and float(cfg.mix_off_epoch).is_integer()),
+         f"--mix-off-epoch must be a whole number >= 0 or auto, got {cfg.mix_off_epoch}"),
         (cfg.eval_every >= 1, f"--eval-every must be >= 1, got {cfg.eval_every}"),
         (cfg.log_every >= 1, f"--log-every must be >= 1, got {cfg.log_every}"),
         (cfg.ema_decay == "auto" or 0 <= cfg.ema_decay < 1,
@@ -353,6 +362,7 @@ class Resolved:
     archs: tuple[str, ...]
     out: str
     rampup_epochs: float  # --rampup-epochs auto: RAMPUP_FRACTION * epochs
+    mix_off_epoch: int    # --mix-off-epoch auto: round(MIX_OFF_FRACTION * epochs)
 
 
 def _switch(value: str, default: bool) -> bool:
@@ -399,13 +409,20 @@ def resolve(cfg: TrainConfig, *, now: _dt.datetime | None = None, world: int = 1
         out = f"{RUNS_DIR}/{tag}-p{len(archs)}-{stamp}"
     return Resolved(device=device, peer_exec=peer_exec, bf16=_switch(cfg.bf16, on_cuda),
                     channels_last=_switch(cfg.channels_last, on_cuda), cuda_graphs=cuda_graphs,
-                    archs=archs, out=out, rampup_epochs=resolve_rampup(cfg.rampup_epochs, cfg.epochs))
+                    archs=archs, out=out, rampup_epochs=resolve_rampup(cfg.rampup_epochs, cfg.epochs),
+                    mix_off_epoch=resolve_mix_off(cfg.mix_off_epoch, cfg.epochs))
 
 
 def resolve_rampup(rampup_epochs: float | str, epochs: int) -> float:
     """`--rampup-epochs`: a number as given; auto: the recipe's 80 of 300 epochs scaled to
     `epochs` (RAMPUP_FRACTION * epochs, e.g. 8.0 for 30 epochs)."""
     return RAMPUP_FRACTION * epochs if rampup_epochs == "auto" else float(rampup_epochs)
+
+
+def resolve_mix_off(mix_off_epoch: float | str, epochs: int) -> int:
+    """`--mix-off-epoch`: a number as given; auto: MIX_OFF_FRACTION of `epochs`, rounded up (so a
+    one-epoch run mixes)."""
+    return math.ceil(MIX_OFF_FRACTION * epochs) if mix_off_epoch == "auto" else int(mix_off_epoch)
 
 
 def latest_run(parent: str | os.PathLike = RUNS_DIR, checkpoint: str = "last.pt") -> Path | None:
@@ -427,5 +444,6 @@ def resolved_dict(cfg: TrainConfig, res: Resolved, ema_decay: float | None = Non
              bf16="on" if res.bf16 else "off",
              channels_last="on" if res.channels_last else "off",
              cuda_graphs="on" if res.cuda_graphs else "off",
-             peers=len(res.archs), resume=False, allow_new_data=False, rampup_epochs=res.rampup_epochs)
+             peers=len(res.archs), resume=False, allow_new_data=False, rampup_epochs=res.rampup_epochs,
+             mix_off_epoch=res.mix_off_epoch)
     return d

@@ -141,15 +141,16 @@ def build_teacher(cfg: TrainConfig, peers: PeerSet, steps_per_epoch: int) -> EMA
     return EMATeacher(peers, decay=resolve_decay(cfg.ema_decay, steps_per_epoch))
 
 
-def build_train_loader(cfg: TrainConfig, comm: Comm, device: torch.device, augment: CutNMix) -> BatchLoader:
+def build_train_loader(cfg: TrainConfig, res: Resolved, comm: Comm, device: torch.device,
+                       augment: CutNMix) -> BatchLoader:
     """The train loader, built once: `auto` resolved first; the cpu loader augments on the host
     (with the step's op and seeds), the others yield raw batches."""
     name = cfg.loader
     if name == "auto":
         name, _reason = choose_auto(cfg.data, "train", device)
+    host = {"augment": augment, "mix_off_epoch": res.mix_off_epoch} if name == "cpu" else {}
     return make_loader(name, cfg.data, split="train", batch_size=cfg.batch_size, device=device,
-                       seed=cfg.seed, rank=comm.rank, world=comm.world,
-                       augment=augment if name == "cpu" else None, limit=cfg.limit_train)
+                       seed=cfg.seed, rank=comm.rank, world=comm.world, limit=cfg.limit_train, **host)
 
 
 def build_run(cfg: TrainConfig, comm: Comm, manifest) -> Run:
@@ -160,7 +161,7 @@ def build_run(cfg: TrainConfig, comm: Comm, manifest) -> Run:
     augment = build_augment(cfg.mix, len(res.archs), alpha=cfg.alpha, mix_prob=cfg.mix_prob,
                             mean=manifest.mean, std=manifest.std,
                             out_dtype=torch.bfloat16 if res.bf16 else torch.float32)
-    loader = build_train_loader(cfg, comm, device, augment)
+    loader = build_train_loader(cfg, res, comm, device, augment)
     teacher = build_teacher(cfg, peers, len(loader))
     evaluator = Evaluator.from_manifest(manifest, device=device, bf16=res.bf16,
                                         channels_last=res.channels_last, rank=comm.rank,
@@ -172,6 +173,7 @@ def build_run(cfg: TrainConfig, comm: Comm, manifest) -> Run:
                      lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                      weight_decay=cfg.weight_decay, device=device, bf16=res.bf16,
                      channels_last=res.channels_last, cuda_graphs=res.cuda_graphs, seed=cfg.seed,
-                     rank=comm.rank, host_augment=loader.augment is not None)
+                     rank=comm.rank, host_augment=loader.augment is not None,
+                     mix_off_epoch=res.mix_off_epoch)
     step.grad_hook = comm.grad_all_reduce(step.optimizer.params)   # None for one process
     return Run(cfg, res, comm, Path(res.out), manifest, peers, teacher, augment, loader, evaluator, step)

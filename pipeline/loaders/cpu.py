@@ -19,6 +19,8 @@ whatever the number of workers. The order is the shared epoch order of `base`.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -79,8 +81,13 @@ class _SplitDataset(Dataset):
 class _Collate:
     """collate_fn (runs in the workers): stack raw batches, or mix with NumpyCutNMix.collate."""
 
-    def __init__(self, seed: int, rank: int, numpy_aug=None):
+    def __init__(self, seed: int, rank: int, numpy_aug=None, mix_off_epoch: int | None = None):
         self.seed, self.rank, self.numpy_aug = seed, rank, numpy_aug
+        # from `mix_off_epoch` on: the same draws with mix_prob 0 (the base views only)
+        self.unmixed = None if numpy_aug is None else copy.copy(numpy_aug)
+        if self.unmixed is not None:
+            self.unmixed.mix_prob = 0.0
+        self.mix_off_epoch = mix_off_epoch
 
     def __call__(self, items):
         if self.numpy_aug is None:  # one ("raw", images, labels) item from __getitems__
@@ -90,7 +97,8 @@ class _Collate:
         labels = np.asarray([it[1] for it in items], dtype=np.int64)
         epoch, step = items[0][2][0], items[0][2][1]
         rng = np.random.default_rng(augment_seed(self.seed, epoch, self.rank, step))
-        return tuple(self.numpy_aug.collate(views, labels, rng))
+        mixing = self.mix_off_epoch is None or epoch < self.mix_off_epoch
+        return tuple((self.numpy_aug if mixing else self.unmixed).collate(views, labels, rng))
 
 
 class _BatchKeys(Sampler):
@@ -115,6 +123,8 @@ class CpuLoader(BatchLoader):
 
     num_workers: worker processes (default: usable CPU cores; 0 = in the main process).
     prefetch_factor: batches each worker prepares ahead (default 4).
+    mix_off_epoch: with `augment`, the epoch from which no sample is mixed (`cnm train
+    --mix-off-epoch`; None: mix throughout).
     """
 
     name = "cpu"
@@ -122,7 +132,7 @@ class CpuLoader(BatchLoader):
 
     def __init__(self, data_dir, split="train", batch_size=128, device="cpu", seed=0, rank=0, world=1,
                  drop_last=None, augment=None, limit=None, num_workers: int | None = None,
-                 prefetch_factor: int = 4):
+                 prefetch_factor: int = 4, mix_off_epoch: int | None = None):
         super().__init__(data_dir, split, batch_size, device, seed, rank, world, drop_last, augment, limit)
         _, labels = self.manifest.load_split(split, mmap=True, verify=True)
         numpy_aug = None
@@ -139,7 +149,7 @@ class CpuLoader(BatchLoader):
             self.dataset,
             batch_sampler=_BatchKeys(self),
             num_workers=self.num_workers,
-            collate_fn=_Collate(self.seed, self.rank, numpy_aug),
+            collate_fn=_Collate(self.seed, self.rank, numpy_aug, mix_off_epoch),
             pin_memory=self.device.type == "cuda",
             **extra,
         )

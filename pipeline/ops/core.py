@@ -199,6 +199,14 @@ class CutNMix:
         other.layout = layout
         return other
 
+    def with_mix_prob(self, mix_prob: float) -> CutNMix:
+        """The same op with another mixing probability; 0 gives the base views only, from the
+        same draws (the same crops and flips as with mixing)."""
+        check_config(self.peers, self.mode, self.alpha, mix_prob, self.pad)
+        other = copy.copy(self)
+        other.mix_prob = float(mix_prob)
+        return other
+
     def draw(
         self,
         batch: int,

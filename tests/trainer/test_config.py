@@ -18,6 +18,7 @@ from trainer.config import (
     load_config_file,
     make_config,
     resolve,
+    resolve_mix_off,
     resolve_rampup,
     resolved_dict,
 )
@@ -29,6 +30,7 @@ def test_defaults_are_the_design_recipe():
     assert (c.epochs, c.batch_size, c.lr, c.momentum, c.nesterov, c.weight_decay) == (300, 128, 0.1, 0.9, True, 5e-4)
     assert (c.schedule, c.temperature, c.rampup_epochs, c.ema_decay) == ("step", 3.0, "auto", "auto")
     assert (c.mix, c.alpha, c.mix_prob, c.teacher, c.fml) == ("cutnmix", 1.0, 0.5, "ema", True)
+    assert c.mix_off_epoch == "auto"
     assert (c.kd_weight, c.fml_weight, c.arch, c.num_peers, c.seed) == (1.0, 1.0, "resnet32", 3, 0)
     assert (c.data, c.out, c.limit_train, c.loader, c.device) == ("data/cifar100", None, None, "auto", "auto")
     assert (c.peer_exec, c.bf16, c.channels_last, c.cuda_graphs) == ("auto",) * 4
@@ -135,6 +137,19 @@ def test_rampup_auto_is_80_of_300_epochs_scaled():
                     ({"log": "wandb"}, "--log must be one of none, tensorboard")):
         with pytest.raises(CnmError, match=msg):
             make_config(None, kw)
+
+
+def test_mix_off_epoch_auto_is_a_fraction_of_the_epochs_rounded_up():
+    assert [resolve_mix_off("auto", e) for e in (300, 640, 10, 3, 1)] == [150, 320, 5, 2, 1]
+    assert resolve_mix_off(7, 30) == 7 and resolve_mix_off(0.0, 30) == 0 and resolve_mix_off(99, 30) == 99
+    cfg = make_config(None, {"arch": "resnet20", "epochs": 30, "out": "x"})
+    assert resolve(cfg).mix_off_epoch == 15 and resolved_dict(cfg, resolve(cfg))["mix_off_epoch"] == 15
+    assert make_config(None, {"mix_off_epoch": "12"}).mix_off_epoch == 12
+    for bad, msg in (("never", "--mix-off-epoch must be a number or auto, got 'never'"),
+                     ("-1", "--mix-off-epoch must be a whole number >= 0 or auto, got -1.0"),
+                     ("2.5", "--mix-off-epoch must be a whole number >= 0 or auto, got 2.5")):
+        with pytest.raises(CnmError, match=msg):
+            make_config(None, {"mix_off_epoch": bad})
 
 
 def test_a_runs_config_json_drops_its_record_out_and_resume(tmp_path):

@@ -23,7 +23,7 @@ def _batch(seed=0, device="cpu", b=B):
 
 def _make(peer_exec="loop", channels_last=False, teacher="ema", fml=True, peers=2, device="cpu",
           bf16=False, cuda_graphs=False, mix="cutnmix", seed=0, lr=0.01, arch=ARCH, host_augment=False,
-          impl="auto"):
+          impl="auto", mix_prob=0.5, mix_off_epoch=None):
     from trainer.peers import build_peers
     from trainer.teacher import EMATeacher
 
@@ -33,10 +33,11 @@ def _make(peer_exec="loop", channels_last=False, teacher="ema", fml=True, peers=
     if channels_last:
         ps = ps.to(memory_format=torch.channels_last)
     ema = EMATeacher(ps, decay=0.999) if teacher == "ema" else None
-    aug = build_augment(mix, len(archs), out_dtype=torch.bfloat16 if bf16 else torch.float32, impl=impl)
+    aug = build_augment(mix, len(archs), out_dtype=torch.bfloat16 if bf16 else torch.float32, impl=impl,
+                        mix_prob=mix_prob)
     step = TrainStep(ps, ema, aug, losses=LossSetup(teacher=teacher, fml=fml), lr=lr, device=device,
                      bf16=bf16, channels_last=channels_last, cuda_graphs=cuda_graphs, seed=seed,
-                     host_augment=host_augment)
+                     host_augment=host_augment, mix_off_epoch=mix_off_epoch)
     step.set_ramp(1.0)
     return step
 
@@ -150,6 +151,23 @@ def test_views_path_equals_raw_path():
         a(images, labels, epoch=3, step=i)
         g = torch.Generator().manual_seed(step_seed(0, 3, i))
         b(*b.augment(images, labels, generator=g), epoch=3, step=i)
+    _assert_peers_close(_peer_params(a), _peer_params(b), atol=0)
+
+
+def test_mixing_stops_at_mix_off_epoch():
+    """From `mix_off_epoch` on, the step draws the same parameters with mix_prob 0: the same
+    crops and flips, no mixed sample, and the step equals one of an op that never mixes."""
+    step = _make(mix_prob=0.9, mix_off_epoch=2)
+    before, after = step.input_form.draw(B, 1, 0), step.input_form.draw(B, 2, 0)
+    assert (before.lam < 1).any() and (after.lam == 1).all() and not after.mixed.any()
+    clean = _make(mix_prob=0.0).input_form.draw(B, 2, 0)
+    for name in ("offset_y", "offset_x", "flip", "perm", "lam", "mixed"):
+        assert torch.equal(getattr(after, name), getattr(clean, name)), name
+    a, b = _make(mix_prob=0.9, mix_off_epoch=2), _make(mix_prob=0.0)
+    for i in range(2):
+        images, labels = _batch(i)
+        a(images, labels, epoch=2, step=i)
+        b(images, labels, epoch=2, step=i)
     _assert_peers_close(_peer_params(a), _peer_params(b), atol=0)
 
 
