@@ -23,7 +23,7 @@ Settings whose best value depends on the machine are `"auto"` here and are resol
 - `loader`       auto -> decided by `pipeline.loaders.make_loader("auto", ...)`.
 - `out`          None -> `runs/<arch>-p<P>-<YYYYmmdd-HHMMSS>`.
 - `rampup_epochs` auto -> 80/300 of --epochs (the recipe's 80 of 300).
-- `mix_off_epoch` auto -> MIX_OFF_FRACTION of --epochs, rounded (the last epochs train unmixed).
+- `mix_off_epoch` auto -> 2/5 of --epochs, rounded up (the rest of the run trains unmixed).
 - `ema_decay`    auto -> `1 - 1/(2.56 * steps_per_epoch)` (`trainer.teacher.resolve_decay`), once
                  the loader knows the steps per epoch; config.json records the number.
 """
@@ -38,6 +38,7 @@ import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,9 @@ LOGS = ("none", "tensorboard")
 RUNS_DIR = "runs"  # the default parent of run directories (`resolve`)
 # the literature's ramp-up (80 of 300 epochs), scaled to --epochs by `--rampup-epochs auto`
 RAMPUP_FRACTION = 80 / 300
-# `--mix-off-epoch auto`: mixing stops after this fraction of the epochs (docs/design.md#the-recipe)
-MIX_OFF_FRACTION = 0.5
+# `--mix-off-epoch auto`: mixing stops after this fraction of the epochs (docs/design.md#the-recipe);
+# a Fraction, so that 2/5 of 640 is 256 exactly
+MIX_OFF_FRACTION = Fraction(2, 5)
 # keys of a run's config.json that are bookkeeping, not settings (ignored by `--config`)
 RECORD_KEYS = ("_resolved", "_record")
 DEFAULT_DATA = "data/cifar100"  # where the README's `cnm prepare ... --out data/cifar100` writes
@@ -362,7 +364,7 @@ class Resolved:
     archs: tuple[str, ...]
     out: str
     rampup_epochs: float  # --rampup-epochs auto: RAMPUP_FRACTION * epochs
-    mix_off_epoch: int    # --mix-off-epoch auto: round(MIX_OFF_FRACTION * epochs)
+    mix_off_epoch: int    # --mix-off-epoch auto: ceil(MIX_OFF_FRACTION * epochs)
 
 
 def _switch(value: str, default: bool) -> bool:

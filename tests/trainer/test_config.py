@@ -140,10 +140,10 @@ def test_rampup_auto_is_80_of_300_epochs_scaled():
 
 
 def test_mix_off_epoch_auto_is_a_fraction_of_the_epochs_rounded_up():
-    assert [resolve_mix_off("auto", e) for e in (300, 640, 10, 3, 1)] == [150, 320, 5, 2, 1]
+    assert [resolve_mix_off("auto", e) for e in (300, 640, 160, 10, 3, 1)] == [120, 256, 64, 4, 2, 1]
     assert resolve_mix_off(7, 30) == 7 and resolve_mix_off(0.0, 30) == 0 and resolve_mix_off(99, 30) == 99
     cfg = make_config(None, {"arch": "resnet20", "epochs": 30, "out": "x"})
-    assert resolve(cfg).mix_off_epoch == 15 and resolved_dict(cfg, resolve(cfg))["mix_off_epoch"] == 15
+    assert resolve(cfg).mix_off_epoch == 12 and resolved_dict(cfg, resolve(cfg))["mix_off_epoch"] == 12
     assert make_config(None, {"mix_off_epoch": "12"}).mix_off_epoch == 12
     for bad, msg in (("never", "--mix-off-epoch must be a number or auto, got 'never'"),
                      ("-1", "--mix-off-epoch must be a whole number >= 0 or auto, got -1.0"),
