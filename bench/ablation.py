@@ -34,7 +34,7 @@ import torch
 from pipeline.environment import cpu_model, git_info, load_average
 from pipeline.errors import CnmError
 from pipeline.fileio import atomic_write_text
-from trainer.config import FIELDS, RAMPUP_FRACTION, field_type, make_config
+from trainer.config import FIELDS, RAMPUP_FRACTION, field_type, make_config, resolve_mix_off
 from trainer.loop import train
 from trainer.teacher import EMATeacher
 
@@ -104,6 +104,8 @@ def mean_spread(values: list[float | None]) -> tuple[float, float] | None:
 def train_args(args, row_flags: tuple[str, ...], seed: int, out: Path) -> list[str]:
     """The `cnm train` arguments of one run."""
     rampup = args.rampup_epochs if args.rampup_epochs is not None else round(args.epochs * RAMPUP_FRACTION, 2)
+    mix_off = ("as the extra flags set" if "--mix-off-epoch" in args.extra
+               else f"from epoch {resolve_mix_off('auto', args.epochs)} (auto)")
     a = ["--data", str(args.data), "--arch", args.arch, "--peers", str(args.peers),
          "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
          "--schedule", args.schedule, "--rampup-epochs", str(rampup), "--device", args.device,
@@ -261,6 +263,8 @@ def header(args, argv: list[str], wall_s: float) -> str:
     commit, dirty = git.get("commit"), git.get("dirty")
     load = load_average()
     rampup = args.rampup_epochs if args.rampup_epochs is not None else round(args.epochs * RAMPUP_FRACTION, 2)
+    mix_off = ("as the extra flags set" if "--mix-off-epoch" in args.extra
+               else f"from epoch {resolve_mix_off('auto', args.epochs)} (auto)")
     return "\n".join([
         f"# Ablation: {args.epochs} epochs, {args.seeds} seeds",
         "",
@@ -274,7 +278,8 @@ def header(args, argv: list[str], wall_s: float) -> str:
         f"- data: {describe_data(args.data)}"
         + (f", first {args.limit_train} training images" if args.limit_train else ""),
         (f"- settings: {args.peers} x {args.arch}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} "
-         f"{args.schedule}, ramp-up {rampup} epochs, seeds 0..{args.seeds - 1}, extra flags: "
+         f"{args.schedule}, ramp-up {rampup} epochs, mixing off {mix_off}, seeds 0..{args.seeds - 1}, "
+         f"extra flags: "
          f"{args.extra or 'none'}; every other setting is cnm's default (see each RUN/config.json)"),
         f"- EMA teacher BatchNorm statistics: {args.teacher_buffers or 'ema (default)'}",
         ("- accuracies: test top-1 in %, mean ± sample std over the seeds that finished; peer-ens: the "

@@ -32,11 +32,12 @@ the same ten class patterns, so it competes with the object's texture) and the p
 0.76 at 0.2, 0.50 at 0.5 and chance at 1 (bands checked in tests/pipeline/test_synthetic.py).
 
 `object_scale` (0.5..2, default 1) multiplies the disc's radius and changes nothing else: the disc
-covers about 22% of the frame at difficulty 0.4 and 40% at scale 1.4. It matters for mixed-sample
-augmentation, whose label weight is the box's area: the smaller the object, the more often a box
-hides it or shows the partner's background only (docs/design.md#evidence).
+covers about 22% of the frame at difficulty 0.4 and 40% at scale 1.4. It tests whether the
+object's size is why mixed samples cost accuracy on this set (a box that hides a small object
+leaves an area label the pixels do not show); at difficulty 0.7 and scale 1.4 they still did
+(docs/design.md#evidence).
 
-Deterministic: the same (num_classes, train_size, test_size, seed, difficulty) gives the same bytes with
+Deterministic: the same (num_classes, train_size, test_size, seed, difficulty, object_scale) gives the same bytes with
 the same numpy build (PCG64 `default_rng` streams, fixed chunking); numpy builds whose float32
 cos/sqrt differ in the last bit may round a rare pixel differently. Train and test are
 independent draws from the same distribution. Labels are balanced (counts differ by at most one).

@@ -42,7 +42,8 @@ def test_every_row_on_a_tiny_budget(data, tmp_path, capsys):
     assert "wall time" in saved and saved.endswith(out[out.index("| row"):])
     assert (f"recreate with `cnm prepare --dataset synthetic --num-classes 4 --train-size 16 --test-size 8 "
             f"--seed 0 --difficulty 0.5 --object-scale 1.5 --out {data}`") in saved
-    assert "- settings: 2 x resnet20, 1 epochs, batch 8, lr 0.01 cosine, ramp-up 0.27 epochs" in saved
+    assert ("- settings: 2 x resnet20, 1 epochs, batch 8, lr 0.01 cosine, ramp-up 0.27 epochs, "
+            "mixing off from epoch 1 (auto)") in saved
     # every run read its own metrics: the full framework has a teacher, DML does not
     full = json.loads((tmp_path / "runs" / "full-s0" / "config.json").read_text())
     assert full["teacher"] == "ema" and full["mix"] == "cutnmix" and full["fml"] is True
