@@ -36,6 +36,7 @@ from pipeline.errors import CnmError
 from pipeline.fileio import atomic_write_text
 from trainer.config import FIELDS, RAMPUP_FRACTION, field_type, make_config, resolve_mix_off
 from trainer.loop import train
+from trainer.rundir import RunLock
 from trainer.teacher import EMATeacher
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -177,10 +178,14 @@ def run_one(args, name: str, flags: tuple[str, ...], seed: int) -> RunResult:
         except CnmError as e:
             if args.collect:
                 return RunResult(name, seed, str(out), False, 0.0, error=f"not run ({e})")
-    if out.exists():
-        for n in ("metrics.jsonl", "config.json", "last.pt", "best.pt"):
-            (out / n).unlink(missing_ok=True)        # a fresh run in the same place
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        # the run's own lock, held while its old files go: a run still training there (another
+        # ablation, a `cnm train` by hand) keeps them, and this run fails with its one line
+        with RunLock(out):
+            for n in ("metrics.jsonl", "config.json", "last.pt", "best.pt", "train.log"):
+                (out / n).unlink(missing_ok=True)    # a fresh run in the same place
+    except CnmError as e:
+        return RunResult(name, seed, str(out), False, 0.0, error=str(e))
     argv = train_args(args, flags, seed, out)
     if args.in_process:
         error = _run_in_process(argv, out / "train.log", args.threads, args.teacher_buffers)

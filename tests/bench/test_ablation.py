@@ -93,6 +93,23 @@ def test_a_failing_run_marks_its_row_failed(data, tmp_path, capsys, monkeypatch)
     assert "| independent peers | `--mix none --teacher none --no-fml` | 1/1 |" in out
 
 
+def test_a_run_directory_in_use_is_left_alone(data, tmp_path, capsys):
+    """A run another process is still training (its lock held) is neither cleared nor retrained:
+    its files stay byte for byte and the row reports the lock's one line."""
+    from trainer.rundir import RunLock
+
+    run = tmp_path / "runs" / "independent-s0"
+    run.mkdir(parents=True)
+    files = {n: f"{n} of the running process\n" for n in ("metrics.jsonl", "config.json", "train.log")}
+    for n, text in files.items():
+        (run / n).write_text(text)
+    with RunLock(run):
+        code = ablation.main(_args(data, tmp_path / "runs", "--in-process", "--rows", "independent"))
+    out = capsys.readouterr().out
+    assert code != 0 and "in use by another cnm process" in out, out
+    assert {n: (run / n).read_text() for n in files} == files
+
+
 def test_teacher_buffers_are_set_for_the_run_only(data, tmp_path, capsys, monkeypatch):
     from trainer import teacher as teacher_mod
 
