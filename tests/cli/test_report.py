@@ -53,10 +53,13 @@ def test_json_matches_the_metrics(runs, capsys):
         rows = read_jsonl(path / "metrics.jsonl")
         rec = by[name]
         assert rec["epochs_done"] == rec["epochs_total"] == len(rows)
-        # --rampup-epochs auto resolved to 80/300 of each run's epochs: it differs too
-        assert rec["settings"] == ({"mix": "cutnmix", "teacher": "ema", "rampup_epochs": pytest.approx(80 / 300 * 2)}
+        # --rampup-epochs and --mix-off-epoch auto resolved to 80/300 and 2/5 (rounded up) of each
+        # run's epochs: they differ too
+        assert rec["settings"] == ({"mix": "cutnmix", "teacher": "ema", "rampup_epochs": pytest.approx(80 / 300 * 2),
+                                    "mix_off_epoch": 1}
                                    if name == "ema" else
-                                   {"mix": "cutmix", "teacher": "none", "rampup_epochs": pytest.approx(80 / 300 * 3)})
+                                   {"mix": "cutmix", "teacher": "none", "rampup_epochs": pytest.approx(80 / 300 * 3),
+                                    "mix_off_epoch": 2})
         assert rec["wall_s"] == pytest.approx(sum(r["epoch_s"] + r["eval_s"] for r in rows))
         ens = [r["ensemble_acc"] for r in rows]
         assert rec["ensemble"] == {"final": ens[-1], "best": max(ens), "best_epoch": ens.index(max(ens)) + 1}
