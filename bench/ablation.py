@@ -105,8 +105,6 @@ def mean_spread(values: list[float | None]) -> tuple[float, float] | None:
 def train_args(args, row_flags: tuple[str, ...], seed: int, out: Path) -> list[str]:
     """The `cnm train` arguments of one run."""
     rampup = args.rampup_epochs if args.rampup_epochs is not None else round(args.epochs * RAMPUP_FRACTION, 2)
-    mix_off = ("as the extra flags set" if "--mix-off-epoch" in args.extra
-               else f"from epoch {resolve_mix_off('auto', args.epochs)} (auto)")
     a = ["--data", str(args.data), "--arch", args.arch, "--peers", str(args.peers),
          "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
          "--schedule", args.schedule, "--rampup-epochs", str(rampup), "--device", args.device,

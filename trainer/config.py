@@ -99,8 +99,8 @@ class TrainConfig:
     alpha: float = _f(1.0, "Beta(alpha, alpha) of the mixing ratio")
     mix_prob: float = _f(0.5, "probability that a sample is mixed")
     mix_off_epoch: str | float = _f("auto", "epoch (0-based) from which no sample is mixed: the rest of "
-                                    "the run trains on the base views (crop and flip); auto: half of "
-                                    "--epochs; --epochs or more: mix throughout",
+                                    "the run trains on the base views (crop and flip); auto: 2/5 of "
+                                    "--epochs, rounded up; --epochs or more: mix throughout",
                                     number_or_auto=True, metavar="E|auto")
     # ---- online distillation (docs/design.md#losses)
     teacher: str = _f("ema", "KD teacher: EMA self-ensemble (ema), detached mean of the live peers "

@@ -19,8 +19,6 @@ whatever the number of workers. The order is the shared epoch order of `base`.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -81,12 +79,9 @@ class _SplitDataset(Dataset):
 class _Collate:
     """collate_fn (runs in the workers): stack raw batches, or mix with NumpyCutNMix.collate."""
 
-    def __init__(self, seed: int, rank: int, numpy_aug=None, mix_off_epoch: int | None = None):
-        self.seed, self.rank, self.numpy_aug = seed, rank, numpy_aug
-        # from `mix_off_epoch` on: the same draws with mix_prob 0 (the base views only)
-        self.unmixed = None if numpy_aug is None else copy.copy(numpy_aug)
-        if self.unmixed is not None:
-            self.unmixed.mix_prob = 0.0
+    def __init__(self, seed: int, rank: int, numpy_aug=None, unmixed=None, mix_off_epoch: int | None = None):
+        # from `mix_off_epoch` on, `unmixed`: the same op with mix_prob 0 (the same draws, no sample mixed)
+        self.seed, self.rank, self.numpy_aug, self.unmixed = seed, rank, numpy_aug, unmixed
         self.mix_off_epoch = mix_off_epoch
 
     def __call__(self, items):
@@ -135,9 +130,9 @@ class CpuLoader(BatchLoader):
                  prefetch_factor: int = 4, mix_off_epoch: int | None = None):
         super().__init__(data_dir, split, batch_size, device, seed, rank, world, drop_last, augment, limit)
         _, labels = self.manifest.load_split(split, mmap=True, verify=True)
-        numpy_aug = None
+        numpy_aug = unmixed = None
         if augment is not None:
-            numpy_aug = NumpyCutNMix(augment)
+            numpy_aug, unmixed = NumpyCutNMix(augment), NumpyCutNMix(augment.with_mix_prob(0.0))
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self._current_epoch = 0
         self.dataset = _SplitDataset(str(self.manifest.path(images_file(split))), np.asarray(labels),
@@ -149,7 +144,7 @@ class CpuLoader(BatchLoader):
             self.dataset,
             batch_sampler=_BatchKeys(self),
             num_workers=self.num_workers,
-            collate_fn=_Collate(self.seed, self.rank, numpy_aug, mix_off_epoch),
+            collate_fn=_Collate(self.seed, self.rank, numpy_aug, unmixed, mix_off_epoch),
             pin_memory=self.device.type == "cuda",
             **extra,
         )

@@ -111,6 +111,17 @@ def test_train_steps_do_not_sync(config):
     assert m["loss"] > 0 and m["ce"] > 0 and (m["kd"] > 0) == (teacher != "none") and (m["fml"] > 0) == fml
 
 
+def test_steps_across_the_mix_off_epoch_do_not_sync():
+    """--mix-off-epoch: the step switches to the unmixed draws by the epoch number, on the host,
+    without reading anything back (epoch 0 mixes, epoch 1 does not)."""
+    step = _make(impl="torch", mix_prob=0.9, mix_off_epoch=1)
+    with SyncDetector() as det:
+        for epoch in (0, 1):
+            step(*_batch(epoch, b=B), epoch=epoch, step=0)
+    assert det.ops == [], det.ops
+    assert (step.input_form.draw(B, 0, 0).lam < 1).any() and (step.input_form.draw(B, 1, 0).lam == 1).all()
+
+
 def test_train_steps_with_the_tensorboard_loss_buffer_do_not_sync():
     """--log tensorboard: the step records its loss into a StepLossBuffer, still without a sync;
     the buffer then holds every step's total loss (their mean is the epoch's `loss`)."""
