@@ -34,10 +34,11 @@ import torch
 from pipeline.environment import cpu_model, git_info, load_average
 from pipeline.errors import CnmError
 from pipeline.fileio import atomic_write_text
-from trainer.config import FIELDS, RAMPUP_FRACTION, field_type, make_config, resolve_mix_off
+from trainer.config import (FIELDS, RAMPUP_FRACTION, field_type, make_config, resolve_mix_off,
+                            resolve_rampup)
 from trainer.loop import train
 from trainer.rundir import RunLock
-from trainer.teacher import EMATeacher
+from trainer.teacher import EMATeacher, resolve_decay
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # (name, what it is, the `cnm train` flags that make it)
@@ -129,6 +130,8 @@ def _run_subprocess(argv: list[str], log: Path, threads: int) -> str | None:
 
 def settings_from_argv(argv: list[str]) -> dict:
     """`cnm train` flags as written by `train_args` -> TrainConfig values (typed by the fields)."""
+    # `--flag=value` (as `--extra` may write it) is `--flag value`
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--") and "=" in a else (a,))]
     values, i = {}, 0
     while i < len(argv):
         flag = argv[i][2:].replace("-", "_")
@@ -144,6 +147,45 @@ def settings_from_argv(argv: list[str]) -> dict:
         else:
             raise CnmError(f"unknown cnm train flag {argv[i]!r}")
     return values
+
+
+# config.json keys that name the run or its machine, not what it trained
+_NOT_SETTINGS = ("out", "resume", "allow_new_data", "quiet", "log", "log_every", "device", "peer_exec",
+                 "loader", "bf16", "channels_last", "cuda_graphs")
+
+
+def settings_differ(out: Path, argv: list[str]) -> list[str]:
+    """What a finished run in `out` trained with that the `cnm train` arguments `argv` would not:
+    one "key: run R, now N" per differing setting of its config.json (auto values resolved as
+    `cnm train` resolves them; the EMA decay with the run's own steps per epoch), "key: not
+    recorded" where the run predates the setting. Empty when `--reuse` may reuse it."""
+    try:
+        run = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CnmError(f"{out}/config.json: unreadable ({e})") from e
+    cfg = make_config(None, settings_from_argv(argv))
+    now = cfg.to_dict()
+    now.update(rampup_epochs=resolve_rampup(cfg.rampup_epochs, cfg.epochs),
+               mix_off_epoch=resolve_mix_off(cfg.mix_off_epoch, cfg.epochs))
+    steps = run.get("_resolved", {}).get("steps_per_epoch")
+    if steps:
+        now["ema_decay"] = resolve_decay(cfg.ema_decay, steps)
+    # settings that cannot change a run with these others: how often samples mix and when mixing
+    # stops, without mixing (the draws are the same: pipeline.ops.params.draw_params); the EMA
+    # decay without an EMA teacher
+    inert = {k for k, when in (("mix_prob", ("mix", "none")), ("mix_off_epoch", ("mix", "none")))
+             if run.get(when[0]) == now[when[0]] == when[1]}
+    if run.get("teacher") != "ema" and now["teacher"] != "ema":
+        inert.add("ema_decay")
+    differ = []
+    for key, value in now.items():
+        if key in _NOT_SETTINGS or key in inert:
+            continue
+        if key not in run:
+            differ.append(f"{key}: not recorded")
+        elif run[key] != value:
+            differ.append(f"{key}: run {run[key]!r}, now {value!r}")
+    return differ
 
 
 def _run_in_process(argv: list[str], log: Path, threads: int, teacher_buffers: str | None = None) -> str | None:
@@ -167,12 +209,21 @@ def _run_in_process(argv: list[str], log: Path, threads: int, teacher_buffers: s
 
 def run_one(args, name: str, flags: tuple[str, ...], seed: int) -> RunResult:
     """One (row, seed) run; a run that already finished (metrics for every epoch) is reused with
-    --reuse or --collect (which trains nothing)."""
+    --reuse when its settings are the row's (`settings_differ`), and always with --collect (which
+    trains nothing and notes the differences on stderr)."""
     out = Path(args.out) / f"{name}-s{seed}"
     t0 = time.perf_counter()
+    argv = train_args(args, flags, seed, out)
     if args.reuse or args.collect:
         try:
-            return RunResult(name, seed, str(out), True, 0.0, read_metrics(out, args.epochs))
+            metrics = read_metrics(out, args.epochs)
+            differ = settings_differ(out, argv)
+            if args.collect or not differ:
+                if differ:      # --collect tabulates what is there, and says what differs
+                    print(f"note: {out} was trained with other settings: {'; '.join(differ)}", file=sys.stderr)
+                return RunResult(name, seed, str(out), True, 0.0, metrics)
+            print(f"{out}: trained with other settings ({'; '.join(differ)}); training it again",
+                  file=sys.stderr)
         except CnmError as e:
             if args.collect:
                 return RunResult(name, seed, str(out), False, 0.0, error=f"not run ({e})")
@@ -184,7 +235,6 @@ def run_one(args, name: str, flags: tuple[str, ...], seed: int) -> RunResult:
                 (out / n).unlink(missing_ok=True)    # a fresh run in the same place
     except CnmError as e:
         return RunResult(name, seed, str(out), False, 0.0, error=str(e))
-    argv = train_args(args, flags, seed, out)
     if args.in_process:
         error = _run_in_process(argv, out / "train.log", args.threads, args.teacher_buffers)
     else:
@@ -316,7 +366,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-buffers", default=None, choices=("ema", "copy"),
                    help="the EMA teacher's BatchNorm statistics: averaged (ema, cnm's default) or the "
                         "live peers' (copy); needs --in-process")
-    p.add_argument("--reuse", action="store_true", help="reuse runs in --out that finished every epoch")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse runs in --out that finished every epoch with the same settings (others train again)")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: tabulate the runs in --out that finished (the others are marked)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")

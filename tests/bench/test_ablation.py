@@ -75,6 +75,46 @@ def test_subprocess_runs_json_and_reuse(data, tmp_path, capsys):
     assert not (tmp_path / "runs" / "dml-s0").exists()
 
 
+def test_reuse_retrains_a_run_made_with_other_settings(data, tmp_path, capsys):
+    """--reuse reuses a finished run only when its config.json has the settings the row would
+    train with now (auto values resolved); --collect tabulates it anyway and says what differs."""
+    runs = tmp_path / "runs"
+    args = _args(data, runs, "--in-process", "--rows", "independent,full", "--json",
+                 "--extra=--eval-every=1 --weight-decay=0.0005")
+    assert ablation.main(args) == 0
+    capsys.readouterr()
+    full, independent = runs / "full-s0", runs / "independent-s0"
+    cfg = json.loads((full / "config.json").read_text())
+    assert ablation.settings_differ(full, ablation.train_args(ablation.parse_args(args), (), 0, full)) == []
+
+    def edit(run, **changes):
+        c = json.loads((run / "config.json").read_text())
+        for k, v in changes.items():
+            c.pop(k) if v is None else c.__setitem__(k, v)
+        (run / "config.json").write_text(json.dumps(c))
+
+    edit(full, lr=0.02, mix_off_epoch=None)            # another lr; a run older than --mix-off-epoch
+    edit(independent, mix_off_epoch=7, mix_prob=0.9)   # without mixing these change nothing
+    stamp = (independent / "metrics.jsonl").stat().st_mtime_ns
+    assert ablation.main([*args, "--collect"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {full} was trained with other settings: lr: run 0.02, now 0.01; mix_off_epoch: not recorded" in err
+    assert "independent-s0" not in err
+    assert json.loads((full / "config.json").read_text())["lr"] == 0.02       # --collect trains nothing
+
+    assert ablation.main([*args, "--reuse"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["rows"][0]["seconds_per_run"] == 0.0 and doc["rows"][1]["seconds_per_run"] > 0
+    assert (independent / "metrics.jsonl").stat().st_mtime_ns == stamp        # reused
+    again = json.loads((full / "config.json").read_text())                     # trained again
+    assert again.pop("_record")["date"] and again == {k: v for k, v in cfg.items() if k != "_record"}
+
+
+def test_settings_from_argv_reads_flag_equals_value():
+    assert ablation.settings_from_argv(["--eval-every=8", "--no-fml", "--mix", "none", "--lr=0.5"]) == {
+        "eval_every": 8, "fml": False, "mix": "none", "lr": 0.5}
+
+
 def test_a_failing_run_marks_its_row_failed(data, tmp_path, capsys, monkeypatch):
     real = ablation._run_in_process
 
