@@ -262,6 +262,7 @@ def aggregate(results: list[RunResult], rows: list[str], seeds: int) -> list[dic
                  "runs": len(ok), "seeds": seeds, "not_run": len(not_run),
                  "failed": len(ok) + len(not_run) < seeds,
                  "errors": [f"seed {r.seed}: {r.error}" for r in rs if not r.ok],
+                 "seed_list": [r.seed for r in ok],     # the seeds of every metric's "values"
                  "seconds_per_run": statistics.fmean(r.seconds for r in ok) if ok else None}
         for m in METRICS:
             ms = mean_spread([r.metrics.get(m) for r in ok])
@@ -275,8 +276,24 @@ def _cell(x: dict | None) -> str:
     return "-" if x is None else f"{x['mean']:.2f} ± {x['std']:.2f}"
 
 
+def _paired_delta(t: dict, base: dict) -> str:
+    """Mean over the seeds both rows finished of (row - independent) peer-ensemble final, the
+    seeds named when they are not all of both rows' (a row short of seeds is compared with the
+    same seeds of independent peers, not with their mean over others)."""
+    mine = dict(zip(t["seed_list"], t["ens_final"]["values"]))
+    theirs = dict(zip(base["seed_list"], base["ens_final"]["values"]))
+    common = [s for s in mine if s in theirs and mine[s] is not None and theirs[s] is not None]
+    if not common:
+        return "-"
+    d = f"{statistics.fmean(mine[s] - theirs[s] for s in common):+.2f}"
+    if len(common) == len(mine) == len(theirs):
+        return d
+    return d + f" (seed{'s' if len(common) > 1 else ''} {', '.join(map(str, common))})"
+
+
 def markdown(table: list[dict]) -> str:
-    """The markdown table: one line per row, mean ± std of the accuracies in %."""
+    """The markdown table: one line per row, mean ± std of the accuracies in %, and the paired
+    difference to independent peers."""
     base = next((t for t in table if t["row"] == "independent" and t["ens_final"]), None)
     lines = [("| row | flags | runs | peer-ens final | peer-ens best | teacher-ens final | teacher-ens best "
               "| mean peer final | Δ peer-ens final vs independent | s/run |"),
@@ -284,8 +301,7 @@ def markdown(table: list[dict]) -> str:
     for t in table:
         runs = (f"{t['runs']}/{t['seeds']}" + (" **failed**" if t["failed"] else "")
                 + (f" ({t['not_run']} not run)" if t["not_run"] else ""))
-        delta = "-" if base is None or t["ens_final"] is None else \
-            f"{t['ens_final']['mean'] - base['ens_final']['mean']:+.2f}"
+        delta = "-" if base is None or t["ens_final"] is None else _paired_delta(t, base)
         secs = "-" if t["seconds_per_run"] is None else f"{t['seconds_per_run']:.0f}"
         lines.append(f"| {t['label']} | `{t['flags']}` | {runs} | {_cell(t['ens_final'])} | "
                      f"{_cell(t['ens_best'])} | {_cell(t['teacher_final'])} | {_cell(t['teacher_best'])} | "

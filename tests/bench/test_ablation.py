@@ -181,6 +181,25 @@ def test_summary_and_spread():
     assert ablation.mean_spread([4.0]) == (4.0, 0.0) and ablation.mean_spread([None]) is None
 
 
+def test_delta_pairs_the_seeds_both_rows_have():
+    """A row that finished fewer seeds is compared with the same seeds of independent peers."""
+    def run(row, seed, acc):
+        return ablation.RunResult(row, seed, f"runs/{row}-s{seed}", True, 0.0,
+                                  {"ens_final": acc, "ens_best": acc, "teacher_final": None,
+                                   "teacher_best": None, "peer_final": acc})
+    results = [run("independent", 0, 88.5), run("independent", 1, 84.5), run("independent", 2, 84.5),
+               run("full", 0, 93.0), run("full", 1, 90.5), run("full", 2, 93.5),
+               run("cutnmix", 0, 81.5), run("dml", 1, 90.0), run("dml", 2, 88.0),
+               ablation.RunResult("dml", 0, "runs/dml-s0", False, 0.0, error="not run (missing)")]
+    table = ablation.aggregate(results, ["independent", "full", "cutnmix", "dml"], 3)
+    lines = {ln.split(" | ")[0][2:]: ln.split(" | ")[8] for ln in ablation.markdown(table).splitlines()
+             if ln.startswith("| ") and "---" not in ln}
+    assert lines["full framework (defaults)"] == "+6.50"             # all seeds: the difference of means
+    assert lines["Cut^nMix alone"] == "-7.00 (seed 0)"               # not 81.5 - 85.83
+    assert lines["DML (peers teacher, FML)"] == "+4.50 (seeds 1, 2)"
+    assert table[2]["seed_list"] == [0]
+
+
 @pytest.mark.parametrize("more,words", [
     (["--rows", "full,nope"], "unknown row(s) nope"),
     (["--seeds", "0"], "must be >= 1"),
