@@ -273,7 +273,11 @@ def aggregate(results: list[RunResult], rows: list[str], seeds: int) -> list[dic
 
 
 def _cell(x: dict | None) -> str:
-    return "-" if x is None else f"{x['mean']:.2f} ± {x['std']:.2f}"
+    """`mean ± std`; one run has no spread, so its cell is the value alone."""
+    if x is None:
+        return "-"
+    one = sum(v is not None for v in x["values"]) == 1
+    return f"{x['mean']:.2f}" if one else f"{x['mean']:.2f} ± {x['std']:.2f}"
 
 
 def _paired_delta(t: dict, base: dict) -> str:

@@ -198,6 +198,9 @@ def test_delta_pairs_the_seeds_both_rows_have():
     assert lines["Cut^nMix alone"] == "-7.00 (seed 0)"               # not 81.5 - 85.83
     assert lines["DML (peers teacher, FML)"] == "+4.50 (seeds 1, 2)"
     assert table[2]["seed_list"] == [0]
+    cells = {ln.split(" | ")[0][2:]: ln.split(" | ")[3] for ln in ablation.markdown(table).splitlines()
+             if ln.startswith("| ") and "---" not in ln}
+    assert cells["Cut^nMix alone"] == "81.50" and cells["full framework (defaults)"] == "92.33 ± 1.61"
 
 
 @pytest.mark.parametrize("more,words", [
