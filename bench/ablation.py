@@ -34,8 +34,7 @@ import torch
 from pipeline.environment import cpu_model, git_info, load_average
 from pipeline.errors import CnmError
 from pipeline.fileio import atomic_write_text
-from trainer.config import (FIELDS, RAMPUP_FRACTION, field_type, make_config, resolve_mix_off,
-                            resolve_rampup)
+from trainer.config import FIELDS, RAMPUP_FRACTION, field_type, make_config, resolve_mix_off, resolve_rampup
 from trainer.loop import train
 from trainer.rundir import RunLock
 from trainer.teacher import EMATeacher, resolve_decay
