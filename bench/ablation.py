@@ -153,6 +153,9 @@ def settings_from_argv(argv: list[str]) -> dict:
 # config.json keys that name the run or its machine, not what it trained
 _NOT_SETTINGS = ("out", "resume", "allow_new_data", "quiet", "log", "log_every", "device", "peer_exec",
                  "loader", "bf16", "channels_last", "cuda_graphs")
+# settings added after runs were made, with the value that gives the behaviour from before: a
+# config.json without the key trained with that value
+_ADDED_LATER = {"mix_target": "area"}
 
 
 def settings_differ(out: Path, argv: list[str]) -> list[str]:
@@ -179,6 +182,7 @@ def settings_differ(out: Path, argv: list[str]) -> list[str]:
         inert |= {"mix_prob", "mix_off_epoch"}
     if run.get("teacher") != "ema" and now["teacher"] != "ema":
         inert.add("ema_decay")
+    run = {**_ADDED_LATER, **run}
     differ = []
     for key, value in now.items():
         if key in _NOT_SETTINGS or key in inert:

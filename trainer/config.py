@@ -48,6 +48,7 @@ from pipeline.errors import CnmError
 
 MIX_MODES = ("cutnmix", "cutmix", "mixup", "none")
 TEACHERS = ("ema", "peers", "none")
+MIX_TARGETS = ("area", "teacher")
 PEER_EXECS = ("auto", "loop", "grouped")
 LOADERS = ("auto", "ffcv", "dali", "resident", "cpu")
 DEVICES = ("auto", "cuda", "cpu")
@@ -102,6 +103,9 @@ class TrainConfig:
                                     "the run trains on the base views (crop and flip); auto: 2/5 of "
                                     "--epochs, rounded up; --epochs or more: mix throughout",
                                     number_or_auto=True, metavar="E|auto")
+    mix_target: str = _f("area", "what teaches a mixed sample: its area label (CutMix's lam-weighted "
+                         "cross-entropy), or the EMA teacher's prediction of its view (teacher: "
+                         "the area cross-entropy fades out as the KD/FML weight ramps up)", MIX_TARGETS)
     # ---- online distillation (docs/design.md#losses)
     teacher: str = _f("ema", "KD teacher: EMA self-ensemble (ema), detached mean of the live peers "
                       "(peers), or no KD (none)", TEACHERS)
@@ -329,6 +333,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
         (cfg.alpha > 0, f"--alpha must be > 0, got {cfg.alpha}"),
         (0 <= cfg.mix_prob <= 1, f"--mix-prob must be in [0, 1], got {cfg.mix_prob}"),
+        (cfg.mix_target == "area" or (cfg.teacher == "ema" and cfg.kd_weight > 0),
+         "--mix-target teacher needs an EMA teacher to learn from: --teacher ema and --kd-weight > 0"),
         (cfg.kd_weight >= 0, f"--kd-weight must be >= 0, got {cfg.kd_weight}"),
         (cfg.fml_weight >= 0, f"--fml-weight must be >= 0, got {cfg.fml_weight}"),
         (cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}"),

@@ -6,7 +6,7 @@ even under bf16 autocast (inputs are cast with `.float()`; softmax/log-softmax/m
 autocast-lowered ops). Nothing here synchronises with the host.
 
 - `mixed_ce`: mixed cross-entropy of CutMix (Yun et al. 2019): `lam·CE(z, y_a) + (1-lam)·CE(z, y_b)`,
-  batch mean.
+  batch mean, optionally weighted per sample (`--mix-target teacher`).
 - `kd_loss`: Hinton et al. 2015 distillation, `T²·KL(softmax(t/T) || softmax(z/T))`, batch mean
   of the per-sample KL (`batchmean`); the teacher is detached.
 - `fml_loss`: feature-level mutual learning: `mean_{j≠k} ||f̂_k - stopgrad(f̂_j)||²` on
@@ -35,17 +35,21 @@ def _per_sample_ce(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def mixed_ce(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
-             lam: torch.Tensor) -> torch.Tensor:
+             lam: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mixed cross-entropy per peer.
 
     logits `[P, B, K]` (any float dtype), y_a / y_b `[B]` int64, lam `[B]` (float; 1 where the
-    sample is not mixed) -> `[P]` float32: `mean_b [lam_b·CE(z_kb, y_a_b) + (1-lam_b)·CE(z_kb, y_b_b)]`.
+    sample is not mixed), optional `weight [B]` (float, per sample) -> `[P]` float32:
+    `mean_b w_b·[lam_b·CE(z_kb, y_a_b) + (1-lam_b)·CE(z_kb, y_b_b)]` (w = 1 without `weight`;
+    the mean is over all B samples either way).
     """
     if logits.dim() != 3:
         raise CnmError(f"logits must be [P, B, K], got {tuple(logits.shape)}")
     logp = torch.log_softmax(logits.float(), dim=-1)
     lam = lam.float().view(1, -1)
     loss = lam * _per_sample_ce(logp, y_a) + (1.0 - lam) * _per_sample_ce(logp, y_b)
+    if weight is not None:
+        loss = loss * weight.float().view(1, -1)
     return loss.mean(dim=1)
 
 

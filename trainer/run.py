@@ -169,7 +169,7 @@ def build_run(cfg: TrainConfig, comm: Comm, manifest) -> Run:
     step = TrainStep(peers, teacher, augment,
                      losses=LossSetup(teacher=cfg.teacher, fml=cfg.fml, kd_weight=cfg.kd_weight,
                                       fml_weight=cfg.fml_weight, temperature=cfg.temperature,
-                                      align_views=cfg.align_views),
+                                      align_views=cfg.align_views, mix_target=cfg.mix_target),
                      lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                      weight_decay=cfg.weight_decay, device=device, bf16=res.bf16,
                      channels_last=res.channels_last, cuda_graphs=res.cuda_graphs, seed=cfg.seed,

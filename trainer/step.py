@@ -8,6 +8,7 @@ One step on a batch (docs/design.md#the-train-step):
     with align_views, on the Cut^nMix samples whose peers see different content: t_k = EMA_k(views[k])
     (ema; peers: no KD there) and no FML there (trainer/losses.py shared_content)
     loss = sum_k [ CE_k + w(e) * (kd_weight * KD_k(t) + fml_weight * FML_k) ]
+    (--mix-target teacher: a mixed sample's CE_k weighted by 1 - w(e))
     loss.backward(); [gradient hook]; SGD (trainer/optim.py) with lr from a device tensor; EMA update
 
 The input form is chosen once: `DeviceAugment` (uint8 images and labels; the Cut^nMix parameters
@@ -63,6 +64,7 @@ class LossSetup:
     fml_weight: float = 1.0
     temperature: float = 3.0
     align_views: bool = True    # KD/FML only between views that show the same content
+    mix_target: str = "area"    # "area" | "teacher": a mixed sample's CE weighted by 1 - w(e)
 
 
 # ----------------------------------------------------------------------------- input forms
@@ -280,7 +282,11 @@ class TrainStep:
         with self._autocast():
             logits, feats = self.peerset(views)
         logits = logits.float()
-        ce = L.mixed_ce(logits, y_a, y_b, lam)                           # [P]
+        # --mix-target teacher: a mixed sample's area label fades out as the ramp w(e) rises, and
+        # what teaches it is the KD term, the EMA teacher's prediction of the view it shows
+        ce_weight = (torch.where(lam < 1, 1 - self.ramp_t, torch.ones_like(self.ramp_t))
+                     if cfg.mix_target == "teacher" else None)
+        ce = L.mixed_ce(logits, y_a, y_b, lam, ce_weight)                # [P]
         zero = torch.zeros(P, dtype=torch.float32, device=logits.device)
         # shared [B] bool: the samples whose P views show the same content (all, unless aligning
         # Cut^nMix views); the cross-peer terms (ensemble target, FML) use only those.

@@ -95,6 +95,7 @@ def test_reuse_retrains_a_run_made_with_other_settings(data, tmp_path, capsys):
 
     edit(full, lr=0.02, mix_off_epoch=None)            # another lr; a run older than --mix-off-epoch
     edit(independent, mix_off_epoch=7, mix_prob=0.9)   # without mixing these change nothing
+    edit(independent, mix_target=None)                 # older than --mix-target: trained with area
     stamp = (independent / "metrics.jsonl").stat().st_mtime_ns
     assert ablation.main([*args, "--collect"]) == 0
     err = capsys.readouterr().err
