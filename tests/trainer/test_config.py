@@ -80,6 +80,8 @@ def test_bad_config_files_fail_in_one_line(tmp_path, text, msg):
     ({"epochs": 0}, "--epochs must be >= 1"),
     ({"arch": "resnet32,resnet20", "peers": 3}, "lists 2 architectures"),
     ({"mix_prob": 1.5}, "--mix-prob"),
+    ({"mix_target": "teacher", "teacher": "peers"}, "--mix-target teacher needs an EMA teacher"),
+    ({"mix_target": "teacher", "kd_weight": 0.0}, "--mix-target teacher needs an EMA teacher"),
     ({"limit_train": 0}, "--limit-train"),
 ])
 def test_invalid_values(kw, msg):

@@ -47,6 +47,16 @@ def test_mixed_ce_lam_one_is_plain_ce_and_linear_in_lam():
                                    a * plain + (1 - a) * l0, rtol=1e-6, atol=1e-6)
 
 
+def test_mixed_ce_weight_scales_each_sample_and_keeps_the_batch_mean():
+    logits, y_a, y_b, lam = _batch()
+    w = torch.linspace(0.0, 1.0, B)
+    ref = torch.stack([torch.stack([w[i] * (lam[i] * F.cross_entropy(logits[k, i:i + 1], y_a[i:i + 1])
+                                            + (1 - lam[i]) * F.cross_entropy(logits[k, i:i + 1], y_b[i:i + 1]))
+                                    for i in range(B)]).sum() / B for k in range(P)])
+    torch.testing.assert_close(mixed_ce(logits, y_a, y_b, lam, w), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mixed_ce(logits, y_a, y_b, lam, torch.ones(B)), mixed_ce(logits, y_a, y_b, lam))
+
+
 def test_mixed_ce_bf16_logits_computed_in_fp32():
     logits, y_a, y_b, lam = _batch()
     low = logits.bfloat16()

@@ -27,7 +27,7 @@ from pipeline.ops.params import MODES
 from tests.syncdetect import SyncDetector
 from tests.trainer.test_step import K, _batch, _make
 from trainer.distributed import GradAllReduce
-from trainer.step import build_augment, step_seed
+from trainer.step import LossSetup, build_augment, step_seed
 from trainer.tblog import StepLossBuffer
 
 B = 4
@@ -109,6 +109,19 @@ def test_train_steps_do_not_sync(config):
     assert m["steps"] == 2 and m["global_step"] == 2 and m["bad_step"] == -1
     assert all(0.0 <= a <= 100.0 for a in m["train_acc"]) and len(m["train_acc"]) == step.P == 2
     assert m["loss"] > 0 and m["ce"] > 0 and (m["kd"] > 0) == (teacher != "none") and (m["fml"] > 0) == fml
+
+
+@pytest.mark.parametrize("mix", ["cutnmix", "mixup"])
+def test_mix_target_teacher_steps_do_not_sync(mix):
+    """--mix-target teacher weights the mixed samples' CE with the ramp tensor on the device."""
+    step = _make(mix=mix, impl="torch")
+    step.losses = LossSetup(mix_target="teacher")
+    batches = [_batch(i, b=B) for i in range(2)]
+    with SyncDetector() as det:
+        for i, batch in enumerate(batches):
+            step.set_ramp(0.5)
+            step(*batch, epoch=0, step=i)
+    assert det.ops == [], det.ops
 
 
 def test_steps_across_the_mix_off_epoch_do_not_sync():

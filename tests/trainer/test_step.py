@@ -209,6 +209,31 @@ def test_aligned_views_kd_targets_and_fml(align):
         assert abs(m["kd"] - L.kd_loss(logits, t.mean(0), 3.0).mean().item()) > 1e-4
 
 
+@pytest.mark.parametrize("target", ["area", "teacher"])
+def test_mix_target_teacher_fades_the_mixed_samples_area_ce(target):
+    """--mix-target teacher: a mixed sample's area cross-entropy is weighted by 1 - w(e), an
+    unmixed sample's by 1; area (the default) weights every sample by 1. Checked by hand."""
+    from trainer import losses as L
+
+    step = _make(host_augment=True)
+    step.losses = LossSetup(mix_target=target)
+    step.set_ramp(0.25)
+    images, labels = _batch(0)
+    views, y_a, y_b, lam = step.augment(images, labels, generator=torch.Generator().manual_seed(1))
+    lam = torch.where(torch.arange(B) % 2 == 0, torch.ones(B), torch.full((B,), 0.5))  # half mixed
+    with torch.no_grad():
+        logits, _ = step.peerset(views)
+    logp = torch.log_softmax(logits, -1)
+    per_sample = -(lam * logp[:, torch.arange(B), y_a] + (1 - lam) * logp[:, torch.arange(B), y_b])
+    weight = torch.where(lam < 1, 0.75, 1.0) if target == "teacher" else torch.ones(B)
+    step.reset_metrics()
+    step(views, y_a, y_b, lam, epoch=0, step=0)
+    ce = step.read_metrics()["ce"]
+    assert ce == pytest.approx((per_sample * weight).mean().item(), rel=1e-5)
+    if target == "teacher":
+        assert abs(ce - L.mixed_ce(logits, y_a, y_b, lam).mean().item()) > 1e-3
+
+
 def test_non_finite_loss_is_flagged_with_its_step():
     step = _make()
     step.reset_metrics()
