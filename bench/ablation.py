@@ -5,7 +5,8 @@ Cut^nMix alone, CutMix + KD, DML, the full framework with CutMix, the full frame
 defaults, without mixing, and with unaligned views), each as a `cnm train` run (subprocesses,
 `--jobs` at a time, one CPU thread each by default; or in this process with `--in-process`). From every run's metrics.jsonl it reads the
 final and best peer-ensemble (`ensemble_acc`) and EMA-teacher-ensemble (`teacher_ensemble_acc`)
-accuracies and the final mean peer accuracy (`test_acc`), and prints a markdown table of
+accuracies, the teacher ensemble where the budget's mixing stops (how far mixing has slowed the
+run there), and the final mean peer accuracy (`test_acc`), and prints a markdown table of
 mean ± sample standard deviation over seeds (or `--json`). A run that fails marks its row
 failed (the other seeds still count, with the number of runs that finished). `--save FILE.md`
 writes the table headed with the command, commit, machine and wall time. The ramp-up scales with
@@ -53,7 +54,7 @@ ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("full-unaligned", "full framework, unaligned views", ("--no-align-views",)),
 )
 ROW_NAMES = tuple(r[0] for r in ROWS)
-METRICS = ("ens_final", "ens_best", "teacher_final", "teacher_best", "peer_final")
+METRICS = ("ens_final", "ens_best", "teacher_final", "teacher_best", "teacher_at_mix_off", "peer_final")
 
 
 
@@ -68,10 +69,12 @@ class RunResult:
     error: str | None = None
 
 
-def summarize_metrics(rows: list[dict]) -> dict:
-    """metrics.jsonl rows -> {ens_final, ens_best, teacher_final, teacher_best, peer_final}
-    (accuracies in %; teacher_* None without an EMA teacher; best over the evaluated epochs: with
-    `--eval-every N` the others have null accuracies, the last epoch is always evaluated)."""
+def summarize_metrics(rows: list[dict], mix_off: int | None = None) -> dict:
+    """metrics.jsonl rows -> {ens_final, ens_best, teacher_final, teacher_best, teacher_at_mix_off,
+    peer_final} (accuracies in %; teacher_* None without an EMA teacher; best over the evaluated
+    epochs: with `--eval-every N` the others have null accuracies, the last epoch is always
+    evaluated; teacher_at_mix_off: the teacher ensemble after epoch `mix_off`, where the budget's
+    mixing stops, None when that epoch was not evaluated or `mix_off` is None)."""
     if not rows:
         raise CnmError("no metrics rows")
     last = rows[-1]
@@ -79,21 +82,23 @@ def summarize_metrics(rows: list[dict]) -> dict:
         raise CnmError(f"epoch {last['epoch']} was not evaluated")
     ensembles = [r["ensemble_acc"] for r in rows if r["ensemble_acc"] is not None]
     teachers = [r["teacher_ensemble_acc"] for r in rows if r.get("teacher_ensemble_acc") is not None]
+    at = next((r.get("teacher_ensemble_acc") for r in rows if r["epoch"] == mix_off), None)
     return {"ens_final": last["ensemble_acc"], "ens_best": max(ensembles),
             "teacher_final": last.get("teacher_ensemble_acc"),
-            "teacher_best": max(teachers) if teachers else None,
+            "teacher_best": max(teachers) if teachers else None, "teacher_at_mix_off": at,
             "peer_final": sum(last["test_acc"]) / len(last["test_acc"])}
 
 
-def read_metrics(run: Path, epochs: int) -> dict:
-    """The summary of `run`/metrics.jsonl; CnmError unless it holds all `epochs` epochs."""
+def read_metrics(run: Path, epochs: int, mix_off: int | None = None) -> dict:
+    """The summary of `run`/metrics.jsonl (`summarize_metrics`); CnmError unless it holds all
+    `epochs` epochs."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise CnmError(f"{path}: missing")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if len(rows) < epochs:
         raise CnmError(f"{path}: {len(rows)} of {epochs} epochs")
-    return summarize_metrics(rows[:epochs])
+    return summarize_metrics(rows[:epochs], mix_off)
 
 
 def mean_spread(values: list[float | None]) -> tuple[float, float] | None:
@@ -102,6 +107,13 @@ def mean_spread(values: list[float | None]) -> tuple[float, float] | None:
     if not vals:
         return None
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def mix_off_epoch(args) -> int | None:
+    """The epoch after which this budget's mixing rows stop mixing (`--mix-off-epoch` of the extra
+    flags, else auto), the same for every row so that they compare there; None: they mix throughout."""
+    epoch = resolve_mix_off(settings_from_argv(shlex.split(args.extra)).get("mix_off_epoch", "auto"), args.epochs)
+    return epoch if epoch < args.epochs else None
 
 
 def train_args(args, row_flags: tuple[str, ...], seed: int, out: Path) -> list[str]:
@@ -222,7 +234,7 @@ def run_one(args, name: str, flags: tuple[str, ...], seed: int) -> RunResult:
     argv = train_args(args, flags, seed, out)
     if args.reuse or args.collect:
         try:
-            metrics = read_metrics(out, args.epochs)
+            metrics = read_metrics(out, args.epochs, mix_off_epoch(args))
             differ = settings_differ(out, argv)
             if args.collect or not differ:
                 if differ:      # --collect tabulates what is there, and says what differs
@@ -248,7 +260,7 @@ def run_one(args, name: str, flags: tuple[str, ...], seed: int) -> RunResult:
     seconds = time.perf_counter() - t0
     if error is None:
         try:
-            return RunResult(name, seed, str(out), True, seconds, read_metrics(out, args.epochs))
+            return RunResult(name, seed, str(out), True, seconds, read_metrics(out, args.epochs, mix_off_epoch(args)))
         except CnmError as e:
             error = str(e)
     return RunResult(name, seed, str(out), False, seconds, error=error)
@@ -299,13 +311,15 @@ def _paired_delta(t: dict, base: dict) -> str:
     return d + f" (seed{'s' if len(common) > 1 else ''} {', '.join(map(str, common))})"
 
 
-def markdown(table: list[dict]) -> str:
+def markdown(table: list[dict], mix_off: int | None = None) -> str:
     """The markdown table: one line per row, mean ± std of the accuracies in %, and the paired
-    difference to independent peers."""
+    difference to independent peers. `mix_off`: the epoch where the budget's mixing stops, which
+    heads the teacher-ensemble column read there (`mix_off_epoch`)."""
     base = next((t for t in table if t["row"] == "independent" and t["ens_final"]), None)
+    at = "mix-off (none)" if mix_off is None else f"epoch {mix_off} (mix-off)"
     lines = [("| row | flags | runs | peer-ens final | peer-ens best | teacher-ens final | teacher-ens best "
-              "| mean peer final | Δ peer-ens final vs independent | s/run |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+              f"| teacher-ens at {at} | mean peer final | Δ peer-ens final vs independent | s/run |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         runs = (f"{t['runs']}/{t['seeds']}" + (" **failed**" if t["failed"] else "")
                 + (f" ({t['not_run']} not run)" if t["not_run"] else ""))
@@ -313,7 +327,7 @@ def markdown(table: list[dict]) -> str:
         secs = "-" if t["seconds_per_run"] is None else f"{t['seconds_per_run']:.0f}"
         lines.append(f"| {t['label']} | `{t['flags']}` | {runs} | {_cell(t['ens_final'])} | "
                      f"{_cell(t['ens_best'])} | {_cell(t['teacher_final'])} | {_cell(t['teacher_best'])} | "
-                     f"{_cell(t['peer_final'])} | {delta} | {secs} |")
+                     f"{_cell(t['teacher_at_mix_off'])} | {_cell(t['peer_final'])} | {delta} | {secs} |")
     errors = [f"- {t['row']} {e}" for t in table for e in t["errors"]]
     if errors:
         lines += ["", "Runs that failed or were not run:", *errors]
@@ -363,7 +377,8 @@ def header(args, argv: list[str], wall_s: float) -> str:
         f"- EMA teacher BatchNorm statistics: {args.teacher_buffers or 'ema (default)'}",
         ("- accuracies: test top-1 in %, mean ± sample std over the seeds that finished; peer-ens: the "
          "peers' probability-averaged ensemble; teacher-ens: the EMA teachers' (only rows with an EMA "
-         "teacher); final = last epoch, best = best epoch"),
+         "teacher); final = last epoch, best = best epoch, at mix-off = after the epoch where the "
+         "mixing rows stop mixing (every row read there; - where that epoch was not evaluated)"),
         "", ""])
 
 
@@ -431,15 +446,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         table, wall = run_ablation(args)
-        text = markdown(table)
+        text = markdown(table, mix_off_epoch(args))
         if args.save:
             atomic_write_text(Path(args.save), header(args, argv, wall) + text)
     except CnmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"epochs": args.epochs, "seeds": args.seeds, "wall_s": wall, "rows": table},
-                         indent=2, allow_nan=False))
+        print(json.dumps({"epochs": args.epochs, "seeds": args.seeds, "mix_off_epoch": mix_off_epoch(args),
+                          "wall_s": wall, "rows": table}, indent=2, allow_nan=False))
     else:
         print(text, end="")
     return 1 if any(t["runs"] == 0 for t in table) else 0

@@ -33,10 +33,11 @@ def test_every_row_on_a_tiny_budget(data, tmp_path, capsys):
     assert len(lines) == 1 + len(ablation.ROWS)                       # header + one line per row
     for (name, label, flags), line in zip(ablation.ROWS, lines[1:]):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[0] == label and cells[2] == "1/1" and len(cells) == 10
+        assert cells[0] == label and cells[2] == "1/1" and len(cells) == 11
         ema = "--teacher" not in flags                                 # rows with an EMA teacher
         assert (cells[5] != "-" and cells[6] != "-") == ema, line     # teacher-ens final, best
-        assert all(c != "-" for c in cells[3:5] + cells[7:9]), line
+        assert cells[7] == "-", line                    # one epoch: the rows mix throughout
+        assert all(c != "-" for c in cells[3:5] + cells[8:10]), line
     saved = (tmp_path / "t.md").read_text()
     assert "- command: `python -m bench.ablation --data" in saved and "- commit:" in saved
     assert "wall time" in saved and saved.endswith(out[out.index("| row"):])
@@ -111,6 +112,24 @@ def test_reuse_retrains_a_run_made_with_other_settings(data, tmp_path, capsys):
     assert again.pop("_record")["date"] and again == {k: v for k, v in cfg.items() if k != "_record"}
 
 
+def test_teacher_at_the_epoch_where_mixing_stops(data, tmp_path, capsys):
+    """The teacher-ensemble column is read after the epoch where the budget's mixing stops (auto:
+    2/5 of the epochs, rounded up; or --mix-off-epoch in --extra), in every row that has a teacher."""
+    runs = tmp_path / "runs"
+    args = _args(data, runs, "--in-process", "--rows", "independent,full", "--epochs", "3", "--json")
+    assert ablation.main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["mix_off_epoch"] == 2                                   # ceil(2/5 * 3)
+    rows = [json.loads(x) for x in (runs / "full-s0" / "metrics.jsonl").read_text().splitlines()]
+    at = {r["row"]: r["teacher_at_mix_off"] for r in doc["rows"]}
+    assert at["independent"] is None and at["full"]["values"] == [rows[1]["teacher_ensemble_acc"]]
+    assert ablation.main([*args[:-1], "--collect", "--extra=--mix-off-epoch=1"]) == 0
+    table = capsys.readouterr().out
+    assert "| teacher-ens at epoch 1 (mix-off) |" in table
+    full = next(ln for ln in table.splitlines() if ln.startswith("| full framework"))
+    assert f" {rows[0]['teacher_ensemble_acc']:.2f} " in full.split("|")[8]
+
+
 def test_settings_from_argv_reads_flag_equals_value():
     assert ablation.settings_from_argv(["--eval-every=8", "--no-fml", "--mix", "none", "--lr=0.5"]) == {
         "eval_every": 8, "fml": False, "mix": "none", "lr": 0.5}
@@ -173,7 +192,9 @@ def test_summary_and_spread():
             {"epoch": 2, "ensemble_acc": 70.0, "teacher_ensemble_acc": 72.0, "test_acc": [60.0, 62.0]},
             {"epoch": 3, "ensemble_acc": 65.0, "teacher_ensemble_acc": 71.0, "test_acc": [64.0, 66.0]}]
     assert ablation.summarize_metrics(rows) == {"ens_final": 65.0, "ens_best": 70.0, "teacher_final": 71.0,
-                                                "teacher_best": 72.0, "peer_final": 65.0}
+                                                "teacher_best": 72.0, "teacher_at_mix_off": None,
+                                                "peer_final": 65.0}
+    assert ablation.summarize_metrics(rows, mix_off=2)["teacher_at_mix_off"] == 72.0
     skipped = {"epoch": 2, "ensemble_acc": None, "teacher_ensemble_acc": None, "test_acc": [None, None]}
     assert ablation.summarize_metrics([rows[0], skipped, rows[2]])["ens_best"] == 65.0  # --eval-every 2
     with pytest.raises(CnmError, match="epoch 2 was not evaluated"):
@@ -195,9 +216,9 @@ def test_delta_pairs_the_seeds_both_rows_have():
     table = ablation.aggregate(results, ["independent", "full", "cutnmix", "dml"], 3)
     cells = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in ablation.markdown(table).splitlines()
              if ln.startswith("| ") and "---" not in ln}
-    assert cells["full framework (defaults)"][8] == "+6.50"          # all seeds: the difference of means
-    assert cells["Cut^nMix alone"][8] == "-7.00 (seed 0)"            # not 81.5 - 85.83
-    assert cells["DML (peers teacher, FML)"][8] == "+4.50 (seeds 1, 2)"
+    assert cells["full framework (defaults)"][9] == "+6.50"          # all seeds: the difference of means
+    assert cells["Cut^nMix alone"][9] == "-7.00 (seed 0)"            # not 81.5 - 85.83
+    assert cells["DML (peers teacher, FML)"][9] == "+4.50 (seeds 1, 2)"
     assert table[2]["seed_list"] == [0]
     assert cells["Cut^nMix alone"][3] == "81.50"                     # one run: no spread
     assert cells["full framework (defaults)"][3] == "92.33 ± 1.61"
