@@ -167,7 +167,7 @@ _NOT_SETTINGS = ("out", "resume", "allow_new_data", "quiet", "log", "log_every",
                  "loader", "bf16", "channels_last", "cuda_graphs")
 # settings added after runs were made, with the value that gives the behaviour from before: a
 # config.json without the key trained with that value
-_ADDED_LATER = {"mix_target": "area"}
+_ADDED_LATER = {"mix_target": "area", "mix_on_epoch": 0}
 
 
 def settings_differ(out: Path, argv: list[str]) -> list[str]:
@@ -191,7 +191,7 @@ def settings_differ(out: Path, argv: list[str]) -> list[str]:
     # decay without an EMA teacher
     inert = set()
     if run.get("mix") == now["mix"] == "none":
-        inert |= {"mix_prob", "mix_off_epoch"}
+        inert |= {"mix_prob", "mix_on_epoch", "mix_off_epoch"}
     if run.get("teacher") != "ema" and now["teacher"] != "ema":
         inert.add("ema_decay")
     run = {**_ADDED_LATER, **run}
@@ -356,8 +356,8 @@ def header(args, argv: list[str], wall_s: float) -> str:
     commit, dirty = git.get("commit"), git.get("dirty")
     load = load_average()
     rampup = args.rampup_epochs if args.rampup_epochs is not None else round(args.epochs * RAMPUP_FRACTION, 2)
-    mix_off = ("as the extra flags set" if "--mix-off-epoch" in args.extra
-               else f"from epoch {resolve_mix_off('auto', args.epochs)} (auto)")
+    mixing = ("as the extra flags set" if any(f in args.extra for f in ("--mix-on-epoch", "--mix-off-epoch"))
+              else f"off from epoch {resolve_mix_off('auto', args.epochs)} (auto)")
     return "\n".join([
         f"# Ablation: {args.epochs} epochs, {args.seeds} seeds",
         "",
@@ -371,7 +371,7 @@ def header(args, argv: list[str], wall_s: float) -> str:
         f"- data: {describe_data(args.data)}"
         + (f", first {args.limit_train} training images" if args.limit_train else ""),
         (f"- settings: {args.peers} x {args.arch}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} "
-         f"{args.schedule}, ramp-up {rampup} epochs, mixing off {mix_off}, seeds 0..{args.seeds - 1}, "
+         f"{args.schedule}, ramp-up {rampup} epochs, mixing {mixing}, seeds 0..{args.seeds - 1}, "
          f"extra flags: "
          f"{args.extra or 'none'}; every other setting is cnm's default (see each RUN/config.json)"),
         f"- EMA teacher BatchNorm statistics: {args.teacher_buffers or 'ema (default)'}",

@@ -99,6 +99,8 @@ class TrainConfig:
     mix: str = _f("cutnmix", "mixed-sample augmentation", MIX_MODES)
     alpha: float = _f(1.0, "Beta(alpha, alpha) of the mixing ratio")
     mix_prob: float = _f(0.5, "probability that a sample is mixed")
+    mix_on_epoch: int = _f(0, "epoch (0-based) from which samples are mixed: the epochs before it train "
+                           "on the base views (crop and flip); 0: from the start")
     mix_off_epoch: str | float = _f("auto", "epoch (0-based) from which no sample is mixed: the rest of "
                                     "the run trains on the base views (crop and flip); auto: 2/5 of "
                                     "--epochs, rounded up; --epochs or more: mix throughout",
@@ -325,6 +327,8 @@ def validate(cfg: TrainConfig) -> None:
     if len(names) > 1 and cfg.peers is not None and cfg.peers != len(names):
         raise CnmError(f"--arch lists {len(names)} architectures but --peers is {cfg.peers}; "
                        f"drop --peers or list one architecture per peer")
+    # mixing stops at this epoch (--mix-off-epoch resolved, or the run's end)
+    mix_end = min(resolve_mix_off(cfg.mix_off_epoch, cfg.epochs), cfg.epochs)
     checks = [
         (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
@@ -342,6 +346,10 @@ def validate(cfg: TrainConfig) -> None:
          f"--rampup-epochs must be >= 0 or auto, got {cfg.rampup_epochs}"),
         (cfg.mix_off_epoch == "auto" or (cfg.mix_off_epoch >= 0 and float(cfg.mix_off_epoch).is_integer()),
          f"--mix-off-epoch must be a whole number >= 0 or auto, got {cfg.mix_off_epoch}"),
+        (cfg.mix_on_epoch >= 0, f"--mix-on-epoch must be >= 0, got {cfg.mix_on_epoch}"),
+        (cfg.mix == "none" or cfg.mix_on_epoch == 0 or cfg.mix_on_epoch < mix_end,
+         (f"--mix-on-epoch {cfg.mix_on_epoch} is not before --mix-off-epoch and --epochs (epoch {mix_end}): "
+          "no epoch would mix; to train without mixing pass --mix none")),
         (cfg.eval_every >= 1, f"--eval-every must be >= 1, got {cfg.eval_every}"),
         (cfg.log_every >= 1, f"--log-every must be >= 1, got {cfg.log_every}"),
         (cfg.ema_decay == "auto" or 0 <= cfg.ema_decay < 1,

@@ -148,7 +148,8 @@ def build_train_loader(cfg: TrainConfig, res: Resolved, comm: Comm, device: torc
     name = cfg.loader
     if name == "auto":
         name, _reason = choose_auto(cfg.data, "train", device)
-    host = {"augment": augment, "mix_off_epoch": res.mix_off_epoch} if name == "cpu" else {}
+    host = ({"augment": augment, "mix_off_epoch": res.mix_off_epoch, "mix_on_epoch": int(cfg.mix_on_epoch)}
+            if name == "cpu" else {})
     return make_loader(name, cfg.data, split="train", batch_size=cfg.batch_size, device=device,
                        seed=cfg.seed, rank=comm.rank, world=comm.world, limit=cfg.limit_train, **host)
 
@@ -174,6 +175,6 @@ def build_run(cfg: TrainConfig, comm: Comm, manifest) -> Run:
                      weight_decay=cfg.weight_decay, device=device, bf16=res.bf16,
                      channels_last=res.channels_last, cuda_graphs=res.cuda_graphs, seed=cfg.seed,
                      rank=comm.rank, host_augment=loader.augment is not None,
-                     mix_off_epoch=res.mix_off_epoch)
+                     mix_off_epoch=res.mix_off_epoch, mix_on_epoch=int(cfg.mix_on_epoch))
     step.grad_hook = comm.grad_all_reduce(step.optimizer.params)   # None for one process
     return Run(cfg, res, comm, Path(res.out), manifest, peers, teacher, augment, loader, evaluator, step)

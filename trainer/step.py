@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import CnmError
-from pipeline.loaders.base import augment_seed
+from pipeline.loaders.base import augment_seed, mixes
 from pipeline.ops import CutNMix
 from pipeline.ops.params import CutNMixParams
 from trainer import losses as L
@@ -80,21 +80,21 @@ class DeviceAugment:
     """
 
     def __init__(self, augment: CutNMix, device: torch.device, seed: int, rank: int,
-                 layout: str = "peers", mix_off_epoch: int | None = None):
+                 layout: str = "peers", mix_off_epoch: int | None = None, mix_on_epoch: int = 0):
         # layout="grouped" (grouped peers): the op writes the grouped network's input
         # [B,P*3,H,W] itself, which saves the copy `views_to_grouped_input` would make.
         self.augment = augment if augment.layout == layout else augment.with_layout(layout)
-        # from `mix_off_epoch` on, the same draws with mix_prob 0: the base views only. Only the
-        # parameters change, not the graph that applies them.
+        # outside [mix_on_epoch, mix_off_epoch), the same draws with mix_prob 0: the base views
+        # only. Only the parameters change, not the graph that applies them.
         self.unmixed = self.augment.with_mix_prob(0.0)
-        self.mix_off_epoch = mix_off_epoch
+        self.mix_on_epoch, self.mix_off_epoch = mix_on_epoch, mix_off_epoch
         self.device, self.seed, self.rank = device, int(seed), int(rank)
         self.generator = torch.Generator(device=device)
 
     def draw(self, batch: int, epoch: int, step: int) -> CutNMixParams:
         """Augmentation parameters of step `step` of epoch `epoch` (no host sync)."""
         self.generator.manual_seed(step_seed(self.seed, epoch, step, self.rank))
-        mixing = self.mix_off_epoch is None or epoch < self.mix_off_epoch
+        mixing = mixes(epoch, self.mix_on_epoch, self.mix_off_epoch)
         return (self.augment if mixing else self.unmixed).draw(batch, self.device, self.generator)
 
     def inputs(self, batch: tuple, epoch: int, step: int) -> tuple:
@@ -176,7 +176,7 @@ class TrainStep:
                  weight_decay: float = 5e-4, device: str | torch.device = "cpu",
                  bf16: bool = False, channels_last: bool = False, cuda_graphs: bool = False,
                  seed: int = 0, rank: int = 0, grad_hook=None, host_augment: bool = False,
-                 mix_off_epoch: int | None = None):
+                 mix_off_epoch: int | None = None, mix_on_epoch: int = 0):
         dev = self.device = torch.device(device)
         if cuda_graphs and dev.type != "cuda":
             raise CnmError("CUDA graphs need a CUDA device")
@@ -186,7 +186,7 @@ class TrainStep:
         layout = "grouped" if getattr(peerset, "peer_exec", "loop") == "grouped" else "peers"
         self.input_form = (LoaderViews(dev) if host_augment
                            else DeviceAugment(augment, dev, seed, rank, layout=layout,
-                                              mix_off_epoch=mix_off_epoch))
+                                              mix_off_epoch=mix_off_epoch, mix_on_epoch=mix_on_epoch))
         self.losses = losses
         self.bf16 = bool(bf16)
         self.channels_last = bool(channels_last)

@@ -73,6 +73,13 @@ def augment_seed(seed: int, epoch: int, rank: int, step: int) -> int:
     return derive_seed("augment", seed, epoch, rank, step)
 
 
+def mixes(epoch: int, mix_on_epoch: int = 0, mix_off_epoch: int | None = None) -> bool:
+    """Whether the batches of `epoch` mix (`cnm train --mix-on-epoch / --mix-off-epoch`): epochs
+    in [mix_on_epoch, mix_off_epoch) do (None: no end); the others draw the same parameters with
+    mix_prob 0, the base views only."""
+    return epoch >= mix_on_epoch and (mix_off_epoch is None or epoch < mix_off_epoch)
+
+
 def sample_seed(seed: int, epoch: int, rank: int, step: int, position: int) -> int:
     """Seed of the numpy generator of the sample at `position` of that batch (cpu baseline)."""
     return derive_seed("sample", seed, epoch, rank, step, position)

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.data.manifest import images_file
-from pipeline.loaders.base import BatchLoader, augment_seed, default_workers, sample_seed
+from pipeline.loaders.base import BatchLoader, augment_seed, default_workers, mixes, sample_seed
 from pipeline.ops.numpy_baseline import NumpyCutNMix
 
 
@@ -79,10 +79,12 @@ class _SplitDataset(Dataset):
 class _Collate:
     """collate_fn (runs in the workers): stack raw batches, or mix with NumpyCutNMix.collate."""
 
-    def __init__(self, seed: int, rank: int, numpy_aug=None, unmixed=None, mix_off_epoch: int | None = None):
-        # from `mix_off_epoch` on, `unmixed`: the same op with mix_prob 0 (the same draws, no sample mixed)
+    def __init__(self, seed: int, rank: int, numpy_aug=None, unmixed=None, mix_off_epoch: int | None = None,
+                 mix_on_epoch: int = 0):
+        # outside [mix_on_epoch, mix_off_epoch), `unmixed`: the same op with mix_prob 0 (the same
+        # draws, no sample mixed)
         self.seed, self.rank, self.numpy_aug, self.unmixed = seed, rank, numpy_aug, unmixed
-        self.mix_off_epoch = mix_off_epoch
+        self.mix_on_epoch, self.mix_off_epoch = mix_on_epoch, mix_off_epoch
 
     def __call__(self, items):
         if self.numpy_aug is None:  # one ("raw", images, labels) item from __getitems__
@@ -92,7 +94,7 @@ class _Collate:
         labels = np.asarray([it[1] for it in items], dtype=np.int64)
         epoch, step = items[0][2][0], items[0][2][1]
         rng = np.random.default_rng(augment_seed(self.seed, epoch, self.rank, step))
-        mixing = self.mix_off_epoch is None or epoch < self.mix_off_epoch
+        mixing = mixes(epoch, self.mix_on_epoch, self.mix_off_epoch)
         return tuple((self.numpy_aug if mixing else self.unmixed).collate(views, labels, rng))
 
 
@@ -118,8 +120,8 @@ class CpuLoader(BatchLoader):
 
     num_workers: worker processes (default: usable CPU cores; 0 = in the main process).
     prefetch_factor: batches each worker prepares ahead (default 4).
-    mix_off_epoch: with `augment`, the epoch from which no sample is mixed (`cnm train
-    --mix-off-epoch`; None: mix throughout).
+    mix_on_epoch, mix_off_epoch: with `augment`, the epochs [on, off) whose samples may be mixed
+    (`cnm train --mix-on-epoch / --mix-off-epoch`; off None: to the end).
     """
 
     name = "cpu"
@@ -127,7 +129,7 @@ class CpuLoader(BatchLoader):
 
     def __init__(self, data_dir, split="train", batch_size=128, device="cpu", seed=0, rank=0, world=1,
                  drop_last=None, augment=None, limit=None, num_workers: int | None = None,
-                 prefetch_factor: int = 4, mix_off_epoch: int | None = None):
+                 prefetch_factor: int = 4, mix_off_epoch: int | None = None, mix_on_epoch: int = 0):
         super().__init__(data_dir, split, batch_size, device, seed, rank, world, drop_last, augment, limit)
         _, labels = self.manifest.load_split(split, mmap=True, verify=True)
         numpy_aug = unmixed = None
@@ -144,7 +146,7 @@ class CpuLoader(BatchLoader):
             self.dataset,
             batch_sampler=_BatchKeys(self),
             num_workers=self.num_workers,
-            collate_fn=_Collate(self.seed, self.rank, numpy_aug, unmixed, mix_off_epoch),
+            collate_fn=_Collate(self.seed, self.rank, numpy_aug, unmixed, mix_off_epoch, mix_on_epoch),
             pin_memory=self.device.type == "cuda",
             **extra,
         )

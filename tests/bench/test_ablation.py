@@ -95,8 +95,8 @@ def test_reuse_retrains_a_run_made_with_other_settings(data, tmp_path, capsys):
         (run / "config.json").write_text(json.dumps(c))
 
     edit(full, lr=0.02, mix_off_epoch=None)            # another lr; a run older than --mix-off-epoch
-    edit(independent, mix_off_epoch=7, mix_prob=0.9)   # without mixing these change nothing
-    edit(independent, mix_target=None)                 # older than --mix-target: trained with area
+    edit(full, mix_target=None, mix_on_epoch=None)     # older than these: area, 0 (the same run)
+    edit(independent, mix_off_epoch=7, mix_prob=0.9, mix_on_epoch=3)   # without mixing these change nothing
     stamp = (independent / "metrics.jsonl").stat().st_mtime_ns
     assert ablation.main([*args, "--collect"]) == 0
     err = capsys.readouterr().err

@@ -81,6 +81,9 @@ def test_bad_config_files_fail_in_one_line(tmp_path, text, msg):
     ({"arch": "resnet32,resnet20", "peers": 3}, "lists 2 architectures"),
     ({"mix_prob": 1.5}, "--mix-prob"),
     ({"mix_target": "teacher", "teacher": "peers"}, "--mix-target teacher needs an EMA teacher"),
+    ({"mix_on_epoch": -1}, "--mix-on-epoch must be >= 0"),
+    ({"mix_on_epoch": 120}, r"--mix-on-epoch 120 is not before --mix-off-epoch and --epochs \(epoch 120\)"),
+    ({"mix_on_epoch": 5, "mix_off_epoch": 400, "epochs": 5}, r"is not before .* \(epoch 5\).*--mix none"),
     ({"mix_target": "teacher", "kd_weight": 0.0}, "--mix-target teacher needs an EMA teacher"),
     ({"limit_train": 0}, "--limit-train"),
 ])

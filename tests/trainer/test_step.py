@@ -23,7 +23,7 @@ def _batch(seed=0, device="cpu", b=B):
 
 def _make(peer_exec="loop", channels_last=False, teacher="ema", fml=True, peers=2, device="cpu",
           bf16=False, cuda_graphs=False, mix="cutnmix", seed=0, lr=0.01, arch=ARCH, host_augment=False,
-          impl="auto", mix_prob=0.5, mix_off_epoch=None):
+          impl="auto", mix_prob=0.5, mix_off_epoch=None, mix_on_epoch=0):
     from trainer.peers import build_peers
     from trainer.teacher import EMATeacher
 
@@ -37,7 +37,7 @@ def _make(peer_exec="loop", channels_last=False, teacher="ema", fml=True, peers=
                         mix_prob=mix_prob)
     step = TrainStep(ps, ema, aug, losses=LossSetup(teacher=teacher, fml=fml), lr=lr, device=device,
                      bf16=bf16, channels_last=channels_last, cuda_graphs=cuda_graphs, seed=seed,
-                     host_augment=host_augment, mix_off_epoch=mix_off_epoch)
+                     host_augment=host_augment, mix_off_epoch=mix_off_epoch, mix_on_epoch=mix_on_epoch)
     step.set_ramp(1.0)
     return step
 
@@ -169,6 +169,17 @@ def test_mixing_stops_at_mix_off_epoch():
         a(images, labels, epoch=2, step=i)
         b(images, labels, epoch=2, step=i)
     _assert_peers_close(_peer_params(a), _peer_params(b), atol=0)
+
+
+def test_mixing_starts_at_mix_on_epoch():
+    """Before `mix_on_epoch` the step draws the same parameters with mix_prob 0 (as after
+    `mix_off_epoch`); from it to `mix_off_epoch` it mixes."""
+    step = _make(mix_prob=0.9, mix_on_epoch=2, mix_off_epoch=4)
+    draws = {e: step.input_form.draw(B, e, 0) for e in (1, 2, 3, 4)}
+    assert [bool((draws[e].lam < 1).any()) for e in (1, 2, 3, 4)] == [False, True, True, False]
+    clean = _make(mix_prob=0.0).input_form.draw(B, 1, 0)
+    for name in ("offset_y", "offset_x", "flip", "perm", "lam", "mixed"):
+        assert torch.equal(getattr(draws[1], name), getattr(clean, name)), name
 
 
 def test_metrics_terms_switch_off():

@@ -145,23 +145,26 @@ def test_dali_native_graph_equals_the_op_on_the_same_params(mode, prepared):
             assert torch.equal(a, b), (mode, step)
 
 
-def test_cpu_baseline_stops_mixing_at_mix_off_epoch(prepared):
+@pytest.mark.parametrize("window", [{"mix_off_epoch": 1}, {"mix_on_epoch": 1, "mix_off_epoch": None}])
+def test_cpu_baseline_mixes_only_in_its_mixing_epochs(prepared, window):
     """`mix_off_epoch=1` (what `cnm train --mix-off-epoch` passes): epoch 0 mixes; epoch 1 gives
-    the base views of the same draws with mix_prob 0 (every lam 1), in the workers too."""
+    the base views of the same draws with mix_prob 0 (every lam 1), in the workers too;
+    `mix_on_epoch=1` the other way round."""
     from pipeline.ops.numpy_baseline import NumpyCutNMix
 
     aug = cutnmix(mix_prob=0.9)
     clean = NumpyCutNMix(aug.with_mix_prob(0.0))
     for workers in (0, 1):
         with make_loader("cpu", prepared, batch_size=B, seed=SEED, augment=aug, num_workers=workers,
-                         mix_off_epoch=1) as loader:
+                         **window) as loader:
             got = {}
             for epoch in (0, 1):
                 loader.set_epoch(epoch)
                 got[epoch] = [tuple(t.clone() for t in out) for out in loader]
-        assert any((lam < 1).any() for *_, lam in got[0])
-        raw = raw_batches("resident", prepared, 1)
-        for step, ((x, y), out) in enumerate(zip(raw, got[1])):
+        mixed, unmixed = (1, 0) if window.get("mix_on_epoch") else (0, 1)
+        assert any((lam < 1).any() for *_, lam in got[mixed])
+        raw = raw_batches("resident", prepared, unmixed)
+        for step, ((x, y), out) in enumerate(zip(raw, got[unmixed])):
             assert (out[3] == 1).all()
-            for a, b in zip(out, _numpy_reference(clean, x, y, 1, 0, step)):
+            for a, b in zip(out, _numpy_reference(clean, x, y, unmixed, 0, step)):
                 assert torch.equal(a, b), step
