@@ -314,8 +314,14 @@ def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], l
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
+    """`array` as a version-1.0 .npy file (the bytes `np.save` writes), flushed to disk.
+
+    The data go through a Python `write`, not numpy's `write_array`: its `ndarray.tofile` turns a
+    Ctrl-C or SIGTERM that lands inside it into a TypeError (a traceback instead of exit 130)."""
+    array = np.ascontiguousarray(array)
     with open(path, "wb") as f:
-        np.lib.format.write_array(f, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+        f.write(array.reshape(-1).view(np.uint8).data)
         f.flush()
         os.fsync(f.fileno())
 

@@ -394,3 +394,15 @@ def test_manifest_json_is_plain_json(tmp_path):
     assert set(raw) >= {"dataset", "num_classes", "class_names", "counts", "mean", "std", "files", "source",
                         "formats", "extra_labels"}
     assert raw["files"][labels_file("train")]["bytes"] == (out / labels_file("train")).stat().st_size
+
+
+@pytest.mark.parametrize("array", [np.arange(7 * 32 * 32 * 3, dtype=np.uint8).reshape(7, 32, 32, 3),
+                                   np.arange(5, dtype=np.int64), np.zeros((0, 32, 32, 3), np.uint8),
+                                   np.arange(12, dtype=np.int16).reshape(3, 4).T])
+def test_save_npy_writes_the_bytes_np_save_writes(tmp_path, array):
+    """_save_npy writes its data with a Python write (so a signal inside it unwinds as itself), and
+    the file is byte for byte what np.save writes of the C-ordered array (the manifest's checksums
+    depend on it)."""
+    manifest_mod._save_npy(tmp_path / "a.npy", array)
+    np.save(tmp_path / "b.npy", np.ascontiguousarray(array))
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
