@@ -6,7 +6,8 @@ defaults, without mixing, and with unaligned views), each as a `cnm train` run (
 `--jobs` at a time, one CPU thread each by default; or in this process with `--in-process`). From every run's metrics.jsonl it reads the
 final and best peer-ensemble (`ensemble_acc`) and EMA-teacher-ensemble (`teacher_ensemble_acc`)
 accuracies, the teacher ensemble where the budget's mixing stops (how far mixing has slowed the
-run there), and the final mean peer accuracy (`test_acc`), and prints a markdown table of
+run there), the final mean peer accuracy (`test_acc`) and how often the peers disagree
+(`disagreement`: where the ensemble can gain over them), and prints a markdown table of
 mean ± sample standard deviation over seeds (or `--json`). A run that fails marks its row
 failed (the other seeds still count, with the number of runs that finished). `--save FILE.md`
 writes the table headed with the command, commit, machine and wall time. The ramp-up scales with
@@ -54,7 +55,8 @@ ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("full-unaligned", "full framework, unaligned views", ("--no-align-views",)),
 )
 ROW_NAMES = tuple(r[0] for r in ROWS)
-METRICS = ("ens_final", "ens_best", "teacher_final", "teacher_best", "teacher_at_mix_off", "peer_final")
+METRICS = ("ens_final", "ens_best", "teacher_final", "teacher_best", "teacher_at_mix_off", "peer_final",
+           "disagreement")
 
 
 
@@ -71,7 +73,8 @@ class RunResult:
 
 def summarize_metrics(rows: list[dict], mix_off: int | None = None) -> dict:
     """metrics.jsonl rows -> {ens_final, ens_best, teacher_final, teacher_best, teacher_at_mix_off,
-    peer_final} (accuracies in %; teacher_* None without an EMA teacher; best over the evaluated
+    peer_final, disagreement} (accuracies in %; teacher_* None without an EMA teacher;
+    disagreement: the last epoch's, None for one peer or rows written before it existed; best over the evaluated
     epochs: with `--eval-every N` the others have null accuracies, the last epoch is always
     evaluated; teacher_at_mix_off: the teacher ensemble after epoch `mix_off`, where the budget's
     mixing stops, None when that epoch was not evaluated or `mix_off` is None)."""
@@ -86,7 +89,8 @@ def summarize_metrics(rows: list[dict], mix_off: int | None = None) -> dict:
     return {"ens_final": last["ensemble_acc"], "ens_best": max(ensembles),
             "teacher_final": last.get("teacher_ensemble_acc"),
             "teacher_best": max(teachers) if teachers else None, "teacher_at_mix_off": at,
-            "peer_final": sum(last["test_acc"]) / len(last["test_acc"])}
+            "peer_final": sum(last["test_acc"]) / len(last["test_acc"]),
+            "disagreement": last.get("disagreement")}
 
 
 def read_metrics(run: Path, epochs: int, mix_off: int | None = None) -> dict:
@@ -318,8 +322,9 @@ def markdown(table: list[dict], mix_off: int | None = None) -> str:
     base = next((t for t in table if t["row"] == "independent" and t["ens_final"]), None)
     at = "mix-off (none)" if mix_off is None else f"epoch {mix_off} (mix-off)"
     lines = [("| row | flags | runs | peer-ens final | peer-ens best | teacher-ens final | teacher-ens best "
-              f"| teacher-ens at {at} | mean peer final | Δ peer-ens final vs independent | s/run |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"| teacher-ens at {at} | mean peer final | peer disagreement final "
+              "| Δ peer-ens final vs independent | s/run |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         runs = (f"{t['runs']}/{t['seeds']}" + (" **failed**" if t["failed"] else "")
                 + (f" ({t['not_run']} not run)" if t["not_run"] else ""))
@@ -327,7 +332,8 @@ def markdown(table: list[dict], mix_off: int | None = None) -> str:
         secs = "-" if t["seconds_per_run"] is None else f"{t['seconds_per_run']:.0f}"
         lines.append(f"| {t['label']} | `{t['flags']}` | {runs} | {_cell(t['ens_final'])} | "
                      f"{_cell(t['ens_best'])} | {_cell(t['teacher_final'])} | {_cell(t['teacher_best'])} | "
-                     f"{_cell(t['teacher_at_mix_off'])} | {_cell(t['peer_final'])} | {delta} | {secs} |")
+                     f"{_cell(t['teacher_at_mix_off'])} | {_cell(t['peer_final'])} | "
+                     f"{_cell(t['disagreement'])} | {delta} | {secs} |")
     errors = [f"- {t['row']} {e}" for t in table for e in t["errors"]]
     if errors:
         lines += ["", "Runs that failed or were not run:", *errors]
@@ -378,7 +384,9 @@ def header(args, argv: list[str], wall_s: float) -> str:
         ("- accuracies: test top-1 in %, mean ± sample std over the seeds that finished; peer-ens: the "
          "peers' probability-averaged ensemble; teacher-ens: the EMA teachers' (only rows with an EMA "
          "teacher); final = last epoch, best = best epoch, at mix-off = after the epoch where the "
-         "mixing rows stop mixing (every row read there; - where that epoch was not evaluated)"),
+         "mixing rows stop mixing (every row read there; - where that epoch was not evaluated); peer "
+         "disagreement: % of test images on which two peers' top-1 predictions differ, mean over "
+         "the pairs (the ensemble can gain over its peers only there)"),
         "", ""])
 
 

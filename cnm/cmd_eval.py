@@ -16,7 +16,7 @@ import click
 @click.option("--quiet", is_flag=True, default=False, help="plain text instead of a table")
 def eval_(run_or_checkpoint, data, device, batch_size, quiet):
     """Accuracy of every peer, the peer ensemble, every EMA teacher peer and the teacher ensemble
-    on the test split; printed and written to eval-<checkpoint>.json next to the checkpoint
+    on the test split, and the % of test images two peers predict differently; printed and written to eval-<checkpoint>.json next to the checkpoint
     (RUN/eval-best.json, RUN/eval-last.json)."""
     from trainer.evaluate import evaluate_checkpoint
     from trainer.progress import accuracy_table
@@ -28,6 +28,8 @@ def eval_(run_or_checkpoint, data, device, batch_size, quiet):
         if result.get("teacher_acc") is not None:
             line += "  " + "  ".join(f"teacher{k} {a:.2f}" for k, a in enumerate(result["teacher_acc"]))
             line += f"  teacher-ensemble {result['teacher_ensemble_acc']:.2f}"
+        if result["disagreement"] is not None:
+            line += f"  disagreement {result['disagreement']:.2f}"
         click.echo(line)
     else:
         from rich.console import Console

@@ -7,7 +7,10 @@ Reported accuracies (top-1, %):
                          P peers (probability averaging, as the ensemble results of ONE/OKDDip;
                          unlike logit averaging it does not let one over-confident peer dominate);
 - `teacher_acc`          [P] every EMA teacher peer (when the run has an EMA teacher);
-- `teacher_ensemble_acc` the same probability average over the EMA peers.
+- `teacher_ensemble_acc` the same probability average over the EMA peers;
+- `disagreement`         how diverse the peers are: the % of test images on which two peers'
+                         top-1 predictions differ, mean over the P(P-1)/2 pairs (None for P = 1).
+                         An ensemble can only gain where its members disagree.
 
 Test images are normalised exactly as the Cut^nMix op normalises training views
 (`(float32(p) - mean) * (1/std)` per channel) and fed to every peer. The uint8 test split is
@@ -81,8 +84,10 @@ class Evaluator:
         for n in nets:
             n.eval()
         P = int(peerset.peers)
-        # counts: [peer correct x P, ensemble, teacher correct x P, teacher ensemble, total]
-        counts = torch.zeros(2 * P + 3, dtype=torch.float64, device=self.device)
+        # counts: [peer correct x P, ensemble, teacher correct x P, teacher ensemble,
+        #          peer pairs that disagree (summed over pairs), total]
+        counts = torch.zeros(2 * P + 4, dtype=torch.float64, device=self.device)
+        pairs = torch.triu_indices(P, P, offset=1, device=self.device)   # [2, P(P-1)/2]
         try:
             for i in range(0, len(self.labels), self.batch_size):
                 x = normalise(self.images[i:i + self.batch_size], self.mean, self.inv_std, self.channels_last)
@@ -92,11 +97,14 @@ class Evaluator:
                     with self._autocast():
                         logits, _ = net(views)
                     logits = logits.float()                               # [P,B,K]
-                    hit = (logits.argmax(-1) == y).sum(1)                 # [P]
+                    pred = logits.argmax(-1)                              # [P,B]
+                    hit = (pred == y).sum(1)                              # [P]
                     ens = (logits.softmax(-1).mean(0).argmax(-1) == y).sum()
                     off = j * (P + 1)
                     counts[off:off + P] += hit
                     counts[off + P] += ens
+                    if j == 0:
+                        counts[-2] += (pred[pairs[0]] != pred[pairs[1]]).sum()
                 counts[-1] += y.shape[0]
             if self.reduce is not None:
                 counts = self.reduce(counts)
@@ -109,6 +117,7 @@ class Evaluator:
         if teacher is not None:
             out["teacher_acc"] = [100.0 * v / total for v in c[P + 1:2 * P + 1]]
             out["teacher_ensemble_acc"] = 100.0 * c[2 * P + 1] / total
+        out["disagreement"] = 100.0 * c[-2] / (total * (P * (P - 1) // 2)) if P > 1 else None
         out["test_images"] = int(c[-1])
         return out
 

@@ -40,9 +40,10 @@ from trainer.teacher import teacher_warning
 # epoch's first step), ramp w(e), loss (per step, summed over peers), ce / kd / fml (per step,
 # mean over peers, unweighted), train_acc [P] (lam-weighted, augmented views), test_acc [P],
 # ensemble_acc, teacher_acc [P] / teacher_ensemble_acc (None without an EMA teacher),
+# disagreement (% of test images two peers predict differently, mean over pairs; None for one peer),
 # images_per_s and epoch_s (the training part, device synchronised at its end), eval_s, global_step.
 ROW_COLUMNS = ("epoch", "lr", "ramp", "loss", "ce", "kd", "fml", "train_acc", "test_acc", "ensemble_acc",
-               "teacher_acc", "teacher_ensemble_acc", "images_per_s", "epoch_s", "eval_s", "global_step")
+               "teacher_acc", "teacher_ensemble_acc", "disagreement", "images_per_s", "epoch_s", "eval_s", "global_step")
 
 
 def rampup_weight(epoch: int, rampup_epochs: float) -> float:
@@ -236,7 +237,7 @@ def resume(run: Run, state: dict | None, meta: dict | None) -> tuple[int, list[d
 
 # the test part of a row of an epoch not evaluated (--eval-every)
 NOT_EVALUATED = {"test_acc": None, "ensemble_acc": None, "teacher_acc": None, "teacher_ensemble_acc": None,
-                 "eval_s": 0.0}
+                 "disagreement": None, "eval_s": 0.0}
 
 
 def _resume_message(run_dir, done: int, before: int | None, epochs: int) -> str:
@@ -316,7 +317,8 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress, stop: Stop | None 
 
 def validate(run: Run) -> dict:
     """Test accuracy of every peer, the ensemble and the EMA teacher: the metrics row's
-    test_acc, ensemble_acc, teacher_acc, teacher_ensemble_acc (None without a teacher), eval_s.
+    test_acc, ensemble_acc, teacher_acc, teacher_ensemble_acc (None without a teacher), disagreement,
+    eval_s.
     Rank 0's BatchNorm statistics are first given to every rank (DDP's broadcast_buffers), so
     the ranks' models are identical again."""
     teacher = run.teacher.module if run.teacher is not None else None
@@ -326,4 +328,4 @@ def validate(run: Run) -> dict:
     acc = run.evaluator(run.step.peerset, teacher)
     return {"test_acc": acc["test_acc"], "ensemble_acc": acc["ensemble_acc"],
             "teacher_acc": acc.get("teacher_acc"), "teacher_ensemble_acc": acc.get("teacher_ensemble_acc"),
-            "eval_s": time.perf_counter() - t0}
+            "disagreement": acc["disagreement"], "eval_s": time.perf_counter() - t0}

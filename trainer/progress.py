@@ -295,4 +295,6 @@ def accuracy_table(acc: dict, title: str = ""):
     if has_teacher:
         cells.append(f"{acc['teacher_ensemble_acc']:.2f}")
     t.add_row(*cells, style="bold")
+    if acc.get("disagreement") is not None:
+        t.caption = f"two peers disagree on {acc['disagreement']:.2f}% of the test images (mean over pairs)"
     return t

@@ -33,11 +33,11 @@ def test_every_row_on_a_tiny_budget(data, tmp_path, capsys):
     assert len(lines) == 1 + len(ablation.ROWS)                       # header + one line per row
     for (name, label, flags), line in zip(ablation.ROWS, lines[1:]):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[0] == label and cells[2] == "1/1" and len(cells) == 11
+        assert cells[0] == label and cells[2] == "1/1" and len(cells) == 12
         ema = "--teacher" not in flags                                 # rows with an EMA teacher
         assert (cells[5] != "-" and cells[6] != "-") == ema, line     # teacher-ens final, best
         assert cells[7] == "-", line                    # one epoch: the rows mix throughout
-        assert all(c != "-" for c in cells[3:5] + cells[8:10]), line
+        assert all(c != "-" for c in cells[3:5] + cells[8:11]), line   # 2 peers: a disagreement
     saved = (tmp_path / "t.md").read_text()
     assert "- command: `python -m bench.ablation --data" in saved and "- commit:" in saved
     assert "wall time" in saved and saved.endswith(out[out.index("| row"):])
@@ -188,13 +188,18 @@ def test_teacher_buffers_are_set_for_the_run_only(data, tmp_path, capsys, monkey
 
 
 def test_summary_and_spread():
-    rows = [{"epoch": 1, "ensemble_acc": 50.0, "teacher_ensemble_acc": 40.0, "test_acc": [45.0, 47.0]},
-            {"epoch": 2, "ensemble_acc": 70.0, "teacher_ensemble_acc": 72.0, "test_acc": [60.0, 62.0]},
-            {"epoch": 3, "ensemble_acc": 65.0, "teacher_ensemble_acc": 71.0, "test_acc": [64.0, 66.0]}]
+    rows = [{"epoch": 1, "ensemble_acc": 50.0, "teacher_ensemble_acc": 40.0, "test_acc": [45.0, 47.0],
+             "disagreement": 30.0},
+            {"epoch": 2, "ensemble_acc": 70.0, "teacher_ensemble_acc": 72.0, "test_acc": [60.0, 62.0],
+             "disagreement": 20.0},
+            {"epoch": 3, "ensemble_acc": 65.0, "teacher_ensemble_acc": 71.0, "test_acc": [64.0, 66.0],
+             "disagreement": 12.5}]
     assert ablation.summarize_metrics(rows) == {"ens_final": 65.0, "ens_best": 70.0, "teacher_final": 71.0,
                                                 "teacher_best": 72.0, "teacher_at_mix_off": None,
-                                                "peer_final": 65.0}
+                                                "peer_final": 65.0, "disagreement": 12.5}
     assert ablation.summarize_metrics(rows, mix_off=2)["teacher_at_mix_off"] == 72.0
+    old = [{k: v for k, v in r.items() if k != "disagreement"} for r in rows]   # written before it existed
+    assert ablation.summarize_metrics(old)["disagreement"] is None
     skipped = {"epoch": 2, "ensemble_acc": None, "teacher_ensemble_acc": None, "test_acc": [None, None]}
     assert ablation.summarize_metrics([rows[0], skipped, rows[2]])["ens_best"] == 65.0  # --eval-every 2
     with pytest.raises(CnmError, match="epoch 2 was not evaluated"):
@@ -216,9 +221,10 @@ def test_delta_pairs_the_seeds_both_rows_have():
     table = ablation.aggregate(results, ["independent", "full", "cutnmix", "dml"], 3)
     cells = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in ablation.markdown(table).splitlines()
              if ln.startswith("| ") and "---" not in ln}
-    assert cells["full framework (defaults)"][9] == "+6.50"          # all seeds: the difference of means
-    assert cells["Cut^nMix alone"][9] == "-7.00 (seed 0)"            # not 81.5 - 85.83
-    assert cells["DML (peers teacher, FML)"][9] == "+4.50 (seeds 1, 2)"
+    assert cells["full framework (defaults)"][10] == "+6.50"         # all seeds: the difference of means
+    assert cells["Cut^nMix alone"][10] == "-7.00 (seed 0)"           # not 81.5 - 85.83
+    assert cells["DML (peers teacher, FML)"][10] == "+4.50 (seeds 1, 2)"
+    assert cells["full framework (defaults)"][9] == "-"              # no disagreement recorded
     assert table[2]["seed_list"] == [0]
     assert cells["Cut^nMix alone"][3] == "81.50"                     # one run: no spread
     assert cells["full framework (defaults)"][3] == "92.33 ± 1.61"

@@ -340,7 +340,7 @@ def _check_collectives(comm: D.Comm, rank: int, data_dir: str) -> None:
                         reduce=comm.all_reduce_sum)(peers, peers)
     whole = Evaluator(images, labels, mean=man.mean, std=man.std)(peers, peers)
     assert sharded["test_images"] == whole["test_images"] == man.counts["test"]
-    for key in ("test_acc", "ensemble_acc", "teacher_acc", "teacher_ensemble_acc"):
+    for key in ("test_acc", "ensemble_acc", "teacher_acc", "teacher_ensemble_acc", "disagreement"):
         assert sharded[key] == pytest.approx(whole[key], abs=1e-9), key
 
 

@@ -58,7 +58,24 @@ def test_accuracies_from_known_logits():
     assert acc["ensemble_acc"] == pytest.approx(50.0)
     assert acc["teacher_acc"] == pytest.approx(acc["test_acc"][::-1])
     assert acc["teacher_ensemble_acc"] == pytest.approx(50.0)
+    # the peers' picks differ on samples 0 (0 vs 2), 1 (1 vs 3), 4 (1 vs 0) and 5 (2 vs 1)
+    assert acc["disagreement"] == pytest.approx(100 * 4 / 6)
     assert acc["test_images"] == n
+
+
+def test_disagreement_is_the_mean_over_peer_pairs():
+    """3 peers, random logits, batches that split the split: the mean over the 3 pairs of the %
+    of images the two predict differently; None for one peer (nothing to disagree with)."""
+    n = 9
+    labels = np.arange(n) % K
+    table = torch.randn(3, n, K, generator=torch.Generator().manual_seed(1))
+    ev = Evaluator(_images(n), labels, mean=(0, 0, 0), std=(1, 1, 1), batch_size=4)
+    pred = table.argmax(-1).tolist()
+    pairs = [(a, b) for a in range(3) for b in range(a + 1, 3)]
+    expect = sum(100 * sum(pred[a][i] != pred[b][i] for i in range(n)) / n for a, b in pairs) / len(pairs)
+    assert 0 < expect < 100
+    assert ev(FixedLogits(table))["disagreement"] == pytest.approx(expect)
+    assert ev(FixedLogits(table[:1]))["disagreement"] is None
 
 
 def test_sharded_counts_add_up_to_the_whole_split():
@@ -117,7 +134,7 @@ def test_evaluate_checkpoint_matches_the_evaluator_and_writes_eval_json(checkpoi
     run, data, peers, teacher = checkpoint_run
     result = evaluate_checkpoint(run, device="cpu")
     direct = Evaluator.from_manifest(load_manifest(data))(peers, teacher)
-    for key in ("test_acc", "ensemble_acc", "teacher_acc", "teacher_ensemble_acc"):
+    for key in ("test_acc", "ensemble_acc", "teacher_acc", "teacher_ensemble_acc", "disagreement"):
         assert result[key] == pytest.approx(direct[key])
     saved = json.loads((run / "eval-last.json").read_text())       # of last.pt (the run's only one)
     assert saved["epoch"] == 3 and saved["test_images"] == 24 and saved["test_acc"] == result["test_acc"]
@@ -130,6 +147,11 @@ def test_cnm_eval_cli(checkpoint_run, capsys, tmp_path):
     assert e.value.code == 0
     out = capsys.readouterr()
     assert "ensemble" in out.out and "teacher-ensemble" in out.out and "eval-last.json" in out.err
+    saved = json.loads((run / "eval-last.json").read_text())
+    assert f"disagreement {saved['disagreement']:.2f}" in out.out
+    with pytest.raises(SystemExit):                                   # the table says it in its caption
+        main(["eval", str(run / "last.pt"), "--data", str(data), "--device", "cpu"])
+    assert f"two peers disagree on {saved['disagreement']:.2f}% of the test images" in capsys.readouterr().out
     # bad input: one line, exit 1
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
