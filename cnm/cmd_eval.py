@@ -16,8 +16,8 @@ import click
 @click.option("--quiet", is_flag=True, default=False, help="plain text instead of a table")
 def eval_(run_or_checkpoint, data, device, batch_size, quiet):
     """Accuracy of every peer, the peer ensemble, every EMA teacher peer and the teacher ensemble
-    on the test split, and the % of test images two peers predict differently; printed and written to eval-<checkpoint>.json next to the checkpoint
-    (RUN/eval-best.json, RUN/eval-last.json)."""
+    on the test split, and the % of test images two peers predict differently; printed and
+    written to eval-<checkpoint>.json next to the checkpoint (RUN/eval-best.json, RUN/eval-last.json)."""
     from trainer.evaluate import evaluate_checkpoint
     from trainer.progress import accuracy_table
 

@@ -43,7 +43,8 @@ from trainer.teacher import teacher_warning
 # disagreement (% of test images two peers predict differently, mean over pairs; None for one peer),
 # images_per_s and epoch_s (the training part, device synchronised at its end), eval_s, global_step.
 ROW_COLUMNS = ("epoch", "lr", "ramp", "loss", "ce", "kd", "fml", "train_acc", "test_acc", "ensemble_acc",
-               "teacher_acc", "teacher_ensemble_acc", "disagreement", "images_per_s", "epoch_s", "eval_s", "global_step")
+               "teacher_acc", "teacher_ensemble_acc", "disagreement", "images_per_s", "epoch_s", "eval_s",
+               "global_step")
 
 
 def rampup_weight(epoch: int, rampup_epochs: float) -> float:
