@@ -76,8 +76,8 @@ def summarize_metrics(rows: list[dict], mix_off: int | None = None) -> dict:
     peer_final, disagreement} (accuracies in %; teacher_* None without an EMA teacher;
     disagreement: the last epoch's, None for one peer or rows written before it existed; best
     over the evaluated epochs: with `--eval-every N` the others have null accuracies, the last
-    epoch is always evaluated; teacher_at_mix_off: the teacher ensemble after epoch `mix_off`, where the budget's
-    mixing stops, None when that epoch was not evaluated or `mix_off` is None)."""
+    epoch is always evaluated; teacher_at_mix_off: the teacher ensemble after epoch `mix_off`,
+    where the budget's mixing stops, None when that epoch was not evaluated or `mix_off` is None)."""
     if not rows:
         raise CnmError("no metrics rows")
     last = rows[-1]

@@ -29,7 +29,8 @@ EPOCH_TAGS = {
     "loss": "loss/total", "ce": "loss/ce", "kd": "loss/kd", "fml": "loss/fml",
     "train_acc": "train/acc", "test_acc": "test/acc", "ensemble_acc": "test/ensemble_acc",
     "teacher_acc": "test/teacher_acc", "teacher_ensemble_acc": "test/teacher_ensemble_acc",
-    "disagreement": "test/disagreement", "images_per_s": "speed/images_per_s", "epoch_s": "time/epoch_s", "eval_s": "time/eval_s",
+    "disagreement": "test/disagreement",
+    "images_per_s": "speed/images_per_s", "epoch_s": "time/epoch_s", "eval_s": "time/eval_s",
 }
 NOT_LOGGED = ("epoch", "global_step")     # the x axes
 STEP_LOSS_TAG = "train_step/loss"

@@ -16,7 +16,8 @@ from trainer.config import make_config
 from trainer.loop import train
 
 ROW_KEYS = {"epoch", "lr", "ramp", "loss", "ce", "kd", "fml", "train_acc", "test_acc", "ensemble_acc",
-            "teacher_acc", "teacher_ensemble_acc", "disagreement", "images_per_s", "epoch_s", "eval_s", "global_step"}
+            "teacher_acc", "teacher_ensemble_acc", "disagreement", "images_per_s", "epoch_s", "eval_s",
+            "global_step"}
 
 
 def synthetic_dir(root, classes=10, train=128, test=64):

@@ -49,7 +49,8 @@ def fake_rows(epochs: int, peers: int, steps_per_epoch: int, seed: int = 0) -> l
                      "ce": float(rng.uniform(1, 2.5)), "kd": float(rng.uniform(0, 3)), "fml": float(rng.uniform(0, .4)),
                      "train_acc": rng.uniform(10, 50, peers).tolist(), "test_acc": test,
                      "ensemble_acc": max(test) + 1.0, "teacher_acc": rng.uniform(20, 60, peers).tolist(),
-                     "teacher_ensemble_acc": float(rng.uniform(20, 60)), "disagreement": float(rng.uniform(0, 40)),
+                     "teacher_ensemble_acc": float(rng.uniform(20, 60)),
+                     "disagreement": float(rng.uniform(0, 40)),
                      "images_per_s": float(rng.uniform(50, 5000)), "epoch_s": float(rng.uniform(1, 9)),
                      "eval_s": float(rng.uniform(0.1, 1)), "global_step": e * steps_per_epoch})
     return rows
@@ -86,8 +87,8 @@ def test_events_read_back_equal_to_the_metrics(tmp_path):
     for row in rows:
         expect = {"opt/lr": row["lr"], "opt/ramp": row["ramp"], "loss/total": row["loss"], "loss/ce": row["ce"],
                   "loss/kd": row["kd"], "loss/fml": row["fml"], "test/ensemble_acc": row["ensemble_acc"],
-                  "test/disagreement": row["disagreement"], "speed/images_per_s": row["images_per_s"], "time/epoch_s": row["epoch_s"],
-                  "time/eval_s": row["eval_s"]}
+                  "test/disagreement": row["disagreement"], "speed/images_per_s": row["images_per_s"],
+                  "time/epoch_s": row["epoch_s"], "time/eval_s": row["eval_s"]}
         for k in range(P):
             expect[f"test/acc_peer{k + 1}"] = row["test_acc"][k]
             expect[f"train/acc_peer{k + 1}"] = row["train_acc"][k]
